@@ -1,0 +1,295 @@
+"""Where preconditioner blocks live, and how their updates reach every rank.
+
+An optimizer hands the distributor the ordered list of its blocks' costs; the distributor says
+which rank owns each block. Each rank keeps state for, and computes the update of, only its
+own blocks; :meth:`Distributor.all_gather_updates` then gives every rank every block's update
+so replicas stay identical. At world size 1 everything is owned locally and nothing is
+communicated: the same code path, one owner.
+
+Two implementations share one interface:
+
+* :class:`Distributor` — one process (rank 0 owns everything, nothing moves);
+* :class:`AllGatherDistributor` — ``torch.distributed`` data parallelism (DDP-style, the
+  ZeRO-1-like scheme of distributed_shampoo, Shi et al. 2023 §3): blocks are assigned to
+  ranks by cost (LPT), each rank computes only its own blocks, and **one** flat
+  ``all_gather_into_tensor`` per step gives every rank every update. A rank may own no
+  block (it still takes part in the collective with an empty, padded slice).
+
+Statistics that differ per rank (layer inputs / output gradients captured on each rank's
+micro-batch) reach the owner through :meth:`Distributor.gather_to_owners` (concatenate the
+per-rank examples, exact) or :meth:`Distributor.reduce_to_owners` (average per-rank
+statistics). Gradients already all-reduced by DDP need neither.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from secondorder.distributed.collectives import OwnerLayout, all_gather_flat, reduce_scatter_flat
+
+_COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Deterministic cost-balanced (LPT) assignment of blocks to ranks.
+
+    Blocks are taken largest cost first (ties keep list order, which comes from param_groups
+    order only) and each goes to the currently least-loaded rank (ties to the lowest rank).
+
+    Args:
+        costs: one non-negative cost per block, in global block order.
+        world_size: number of ranks.
+
+    Returns:
+        The owner rank of every block.
+    """
+    if world_size < 1:
+        raise ValueError(f"Invalid world_size: {world_size}")
+    owners = [0] * len(costs)
+    loads = [(0.0, rank) for rank in range(world_size)]
+    order = sorted(range(len(costs)), key=lambda index: -costs[index])
+    for index in order:
+        load, rank = heapq.heappop(loads)
+        owners[index] = rank
+        heapq.heappush(loads, (load + costs[index], rank))
+    return owners
+
+
+class Distributor:
+    """Single-process distributor: every block is owned by rank 0; nothing to communicate."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def assign(self, costs: Sequence[float]) -> list[int]:
+        """Owner rank of each block (see :func:`assign_owners`)."""
+        return assign_owners(costs, self.world_size)
+
+    def all_gather_updates(self, updates: Sequence[Tensor | None], owners: Sequence[int],
+                           like: Sequence[Tensor | None] | None = None) -> list[Tensor | None]:
+        """Give every rank every block's update.
+
+        Args:
+            updates: per block, its update on the owner rank (``None`` where this rank does
+                not own it, or where the owner skipped the block this step).
+            owners: per block, its owner rank.
+            like: per block, a tensor of the block's shape and dtype (e.g. the parameter
+                block), or ``None`` where the block takes no part this step on *every* rank
+                (its parameter has no gradient). Needed by multi-rank distributors, whose
+                non-owners must know what they receive; ignored here.
+
+        Returns:
+            Per block, the owner's update (``None`` where the owner skipped the block).
+        """
+        _check_lengths(updates, owners, like)
+        return list(updates)
+
+    def reduce_to_owners(self, stats: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+        """Average per-rank statistics over ranks, delivered to each block's owner.
+
+        Args:
+            stats: per block, this rank's statistic (same shape and dtype on every rank;
+                ``None`` where the block has none this step, on every rank).
+            owners: per block, its owner rank.
+
+        Returns:
+            Per block, the mean over ranks on the owner, ``None`` elsewhere.
+        """
+        _check_lengths(stats, owners, None)
+        return list(stats)
+
+    def gather_to_owners(self, tensors: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+        """Concatenate per-rank example tensors along dim 0, delivered to each block's owner.
+
+        Args:
+            tensors: per block, this rank's ``(N_rank, *rest)`` tensor (``rest`` and dtype equal
+                on every rank; ``None`` where the block has none this step, on every rank).
+            owners: per block, its owner rank.
+
+        Returns:
+            Per block, ``(Σ_rank N_rank, *rest)`` in rank order on the owner; ``None`` elsewhere.
+        """
+        _check_lengths(tensors, owners, None)
+        return list(tensors)
+
+
+class AllGatherDistributor(Distributor):
+    """Data-parallel distributor over a ``torch.distributed`` process group.
+
+    Every rank must call the optimizer step (the collectives are symmetric); the model's
+    gradients must already be identical on every rank (DDP's all-reduce, or
+    ``torch.distributed.all_reduce`` by hand). Blocks are owned by cost (LPT,
+    :func:`assign_owners`); each rank keeps state for its blocks only, and
+    :meth:`all_gather_updates` runs one flat all-gather per step. Every rank — the owner
+    included — applies the *gathered* update, so replicas stay bitwise identical even with a
+    low-precision ``communication_dtype``.
+
+    Args:
+        process_group: the group to distribute over (``None``: the default group, which must
+            be initialised, e.g. by ``torchrun`` + ``init_process_group``).
+        communication_dtype: dtype of the all-gathered updates: ``torch.float32`` (default;
+            lossless for fp32/bf16/fp16 parameters), ``torch.bfloat16`` / ``torch.float16``
+            (half the bytes; only the update is rounded), ``torch.float64``, or ``None`` for
+            ``float32`` promoted with the blocks' dtypes (lossless for float64 models).
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None,
+                 communication_dtype: torch.dtype | None = torch.float32) -> None:
+        if communication_dtype is not None and communication_dtype not in _COMMUNICATION_DTYPES:
+            raise ValueError(f"Invalid communication_dtype: {communication_dtype} "
+                             f"(expected one of {_COMMUNICATION_DTYPES} or None)")
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("Invalid process_group: torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group first, e.g. under torchrun)")
+        self.process_group = process_group
+        self.communication_dtype = communication_dtype
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+
+    def all_gather_updates(self, updates: Sequence[Tensor | None], owners: Sequence[int],
+                           like: Sequence[Tensor | None] | None = None) -> list[Tensor | None]:
+        """One flat all-gather of every owner's updates (see :meth:`Distributor.all_gather_updates`).
+
+        Rank ``r``'s slice holds, per block it owns (global order), a presence flag followed by
+        the flattened update (zeros when the owner skipped the block). Returned tensors are
+        views of the gathered buffer in the communication dtype, shaped like ``like[i]``.
+        """
+        if like is None:
+            raise ValueError("Invalid like: AllGatherDistributor needs each block's shape (like=)")
+        _check_lengths(updates, owners, like)
+        present = [block for block in like if block is not None]
+        if not present:
+            return [None] * len(updates)
+        dtype = self._dtype(present)
+        layout = OwnerLayout.build(owners, [None if b is None else b.numel() for b in like],
+                                   self.world_size, header=True)
+        local = torch.zeros(max(layout.slice_size, 1), dtype=dtype, device=present[0].device)
+        for index, (update, owner) in enumerate(zip(updates, owners)):
+            if owner != self.rank or like[index] is None or update is None:
+                continue
+            start, numel = layout.offsets[index], layout.numels[index]
+            local[start] = 1
+            local[start + 1:start + 1 + numel].copy_(update.reshape(-1))
+        gathered = all_gather_flat(local, self.world_size, self.process_group).view(self.world_size, -1)
+        flags = gathered[torch.tensor(owners, dtype=torch.long, device=gathered.device),
+                         torch.tensor([max(o, 0) for o in layout.offsets], dtype=torch.long, device=gathered.device)
+                         ].tolist() if owners else []
+        result: list[Tensor | None] = []
+        for index, block in enumerate(like):
+            if block is None or flags[index] == 0:
+                result.append(None)
+                continue
+            start = layout.offsets[index] + 1
+            result.append(gathered[owners[index], start:start + layout.numels[index]].view(block.shape))
+        return result
+
+    def reduce_to_owners(self, stats: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+        """One flat reduce-scatter: the mean over ranks lands on each block's owner."""
+        _check_lengths(stats, owners, None)
+        present = [s for s in stats if s is not None]
+        if not present:
+            return [None] * len(stats)
+        dtype = torch.promote_types(present[0].dtype, torch.float32)
+        for tensor in present:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        layout = OwnerLayout.build(owners, [None if s is None else s.numel() for s in stats], self.world_size)
+        size = max(layout.slice_size, 1)
+        full = torch.zeros(self.world_size, size, dtype=dtype, device=present[0].device)
+        for index, tensor in enumerate(stats):
+            if tensor is not None:
+                start = layout.offsets[index]
+                full[owners[index], start:start + layout.numels[index]].copy_(tensor.reshape(-1))
+        mine = reduce_scatter_flat(full.view(-1), self.world_size, self.process_group).div_(self.world_size)
+        result: list[Tensor | None] = []
+        for index, tensor in enumerate(stats):
+            if tensor is None or owners[index] != self.rank:
+                result.append(None)
+                continue
+            start = layout.offsets[index]
+            result.append(mine[start:start + layout.numels[index]].view(tensor.shape).to(tensor.dtype))
+        return result
+
+    def gather_to_owners(self, tensors: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+        """Per dtype: one all-gather of leading sizes, then one ``all_to_all_single`` to owners."""
+        _check_lengths(tensors, owners, None)
+        result: list[Tensor | None] = [None] * len(tensors)
+        dtypes = sorted({t.dtype for t in tensors if t is not None}, key=str)
+        for dtype in dtypes:
+            indices = [i for i, t in enumerate(tensors) if t is not None and t.dtype == dtype]
+            for index, tensor in zip(indices, self._gather_same_dtype([tensors[i] for i in indices],
+                                                                     [owners[i] for i in indices])):
+                result[index] = tensor
+        return result
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _dtype(self, blocks: Sequence[Tensor]) -> torch.dtype:
+        if self.communication_dtype is not None:
+            return self.communication_dtype
+        dtype = torch.float32
+        for block in blocks:
+            dtype = torch.promote_types(dtype, block.dtype)
+        return dtype
+
+    def _gather_same_dtype(self, tensors: list[Tensor], owners: list[int]) -> list[Tensor | None]:
+        device = tensors[0].device
+        leading = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long, device=device)
+        sizes = all_gather_flat(leading, self.world_size, self.process_group).view(self.world_size, -1).tolist()
+        rows = [_row_numel(t) for t in tensors]
+        send = [t.reshape(-1) for owner in range(self.world_size)
+                for t, o in zip(tensors, owners) if o == owner]
+        send_splits = [sum(t.numel() for t, o in zip(tensors, owners) if o == owner) for owner in range(self.world_size)]
+        mine = [i for i, o in enumerate(owners) if o == self.rank]
+        receive_splits = [sum(sizes[source][i] * rows[i] for i in mine) for source in range(self.world_size)]
+        output = torch.empty(sum(receive_splits), dtype=tensors[0].dtype, device=device)
+        payload = torch.cat(send) if send else torch.empty(0, dtype=tensors[0].dtype, device=device)
+        dist.all_to_all_single(output, payload, receive_splits, send_splits, group=self.process_group)
+        pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
+        cursor = 0
+        for source in range(self.world_size):
+            for i in mine:
+                count = sizes[source][i] * rows[i]
+                pieces[i].append(output[cursor:cursor + count].view(sizes[source][i], *tensors[i].shape[1:]))
+                cursor += count
+        return [torch.cat(pieces[i]) if i in pieces else None for i in range(len(tensors))]
+
+
+def resolve_distributor(distributor: Distributor | dist.ProcessGroup | bool | None) -> Distributor:
+    """The ``distributor=`` argument every optimizer of the suite accepts, resolved.
+
+    Args:
+        distributor: ``None`` / ``False``: one process (:class:`Distributor`); ``True``: an
+            :class:`AllGatherDistributor` over the default process group; a
+            ``ProcessGroup``: an :class:`AllGatherDistributor` over it; a
+            :class:`Distributor` instance: used as is.
+
+    Returns:
+        The distributor the optimizer keeps as ``optimizer.distributor``.
+    """
+    if distributor is None or distributor is False:
+        return Distributor()
+    if distributor is True:
+        return AllGatherDistributor()
+    if isinstance(distributor, Distributor):
+        return distributor
+    if dist.is_available() and isinstance(distributor, dist.ProcessGroup):
+        return AllGatherDistributor(process_group=distributor)
+    raise TypeError(f"Invalid distributor: expected None, a bool, a ProcessGroup or a Distributor, "
+                    f"got {type(distributor).__name__}")
+
+
+def _row_numel(tensor: Tensor) -> int:
+    """Elements per dim-0 row of ``tensor``."""
+    return math.prod(tensor.shape[1:])
+
+
+def _check_lengths(values: Sequence, owners: Sequence[int], like: Sequence | None) -> None:
+    if len(values) != len(owners):
+        raise ValueError(f"Invalid owners: {len(owners)} owners for {len(values)} blocks")
+    if like is not None and len(like) != len(owners):
+        raise ValueError(f"Invalid like: {len(like)} entries for {len(owners)} blocks")

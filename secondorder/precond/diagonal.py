@@ -1,0 +1,71 @@
+"""Diagonal (elementwise) second-moment preconditioners.
+
+They serve as Shampoo's grafting methods (Agarwal et al. 2020, "Disentangling Adaptive
+Gradient Methods from Learning Rates"), as the diagonal fallback for parameters that a
+layer-based optimizer cannot precondition, and for 1-D parameters. Every tensor here has the
+shape of the block it preconditions.
+
+=========  ===================================  =====================================
+kind       second-moment update ``V``            direction ``D(g)``
+=========  ===================================  =====================================
+sgd        none                                  ``g``
+adagrad    ``V += g ⊙ g``                        ``g / (sqrt(V) + ε)``
+rmsprop    ``V = β V + (1 − β) g ⊙ g``           ``g / (sqrt(V) + ε)``
+adam       as rmsprop                            ``g / (sqrt(V) / sqrt(1 − β^t) + ε)``
+=========  ===================================  =====================================
+
+The Adam form divides ``sqrt(V)`` by ``sqrt(1 − β^t)`` (torch.optim.Adam's operation order),
+so the suite's degenerate limits equal torch.optim to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+DIAGONAL_KINDS = ("sgd", "adagrad", "rmsprop", "adam")
+
+
+def needs_second_moment(kind: str) -> bool:
+    """Whether ``kind`` keeps a second-moment tensor ``V``."""
+    return kind != "sgd"
+
+
+def update_second_moment(kind: str, second_moment: Tensor, grad: Tensor, beta2: float) -> None:
+    """Fold ``grad ⊙ grad`` into ``second_moment`` in place (see the module table).
+
+    Args:
+        kind: one of :data:`DIAGONAL_KINDS`.
+        second_moment: ``V``, same shape as ``grad``.
+        grad: the (raw) gradient block.
+        beta2: EMA rate for rmsprop/adam (ignored for adagrad).
+    """
+    if kind == "adagrad":
+        second_moment.addcmul_(grad, grad)
+    elif kind in ("rmsprop", "adam"):
+        second_moment.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def diagonal_direction(
+    kind: str, second_moment: Tensor | None, grad: Tensor, *, step: int, beta2: float, epsilon: float
+) -> Tensor:
+    """The diagonal method's search direction for ``grad`` (see the module table).
+
+    Args:
+        kind: one of :data:`DIAGONAL_KINDS`.
+        second_moment: ``V`` (unused for sgd).
+        grad: the (filtered) gradient to precondition, same shape as ``V``.
+        step: ``t >= 1``, for Adam's bias correction.
+        beta2: Adam's ``β``.
+        epsilon: added to the denominator.
+
+    Returns:
+        A new tensor shaped like ``grad``.
+    """
+    if kind == "sgd":
+        return grad.clone()
+    denominator = second_moment.sqrt()
+    if kind == "adam":
+        denominator.div_(math.sqrt(1 - beta2**step))
+    return grad / denominator.add_(epsilon)

@@ -1,0 +1,375 @@
+"""The optimizer contract: generic tests over every entry of ``registry.REGISTRY``.
+
+Each test states one promise a ``torch.optim`` user relies on. An entry opts out of a
+feature only through ``OptimizerSpec.skips`` with the reason written there.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from tests.optimizers.registry import REGISTRY, OptimizerSpec, toy_model
+
+SPECS = {spec.name: spec for spec in REGISTRY}
+
+
+def specs_for(feature: str):
+    """Parametrize over the registry; entries that skip ``feature`` are reported as skipped."""
+    return pytest.mark.parametrize(
+        "spec",
+        [pytest.param(spec, id=spec.name,
+                      marks=[pytest.mark.skip(reason=spec.skips[feature])] if feature in spec.skips else [])
+         for spec in REGISTRY],
+    )
+
+
+def toy_data(n: int = 32, dtype=torch.float32, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator)
+    y = torch.sin(x[:, :3]) + 0.1 * torch.randn(n, 3, generator=generator)
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_fn(output, target):
+    return nn.functional.mse_loss(output, target)
+
+
+def take_step(spec: OptimizerSpec, optimizer, model, x, y):
+    """One training step the way a user of ``spec`` writes it; returns the loss."""
+    if spec.closure_driven:
+        return optimizer.step(spec.make_closure(model, x, y, loss_fn))
+    optimizer.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def state_tensors(optimizer):
+    """Every tensor in optimizer.state, keyed by (param position, key path)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    found = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            found[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(prefix + (key,), item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(prefix + (index,), item)
+
+    for index, param in enumerate(params):
+        walk((index,), optimizer.state.get(param, {}))
+    return found
+
+
+def batches(count, n=16):
+    return [toy_data(n, seed=seed) for seed in range(count)]
+
+
+@specs_for("state_dict")
+def test_state_dict_round_trip_continues_bit_identically(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    data = batches(10)
+    for x, y in data[:5]:
+        take_step(spec, optimizer, model, x, y)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model_copy = copy.deepcopy(model)
+    resumed = spec.make(model_copy)
+    resumed.load_state_dict(saved)
+    before, after = state_tensors(optimizer), state_tensors(resumed)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key].dtype == after[key].dtype, key
+        assert torch.equal(before[key], after[key]), key
+    for x, y in data[5:]:
+        take_step(spec, optimizer, model, x, y)
+        take_step(spec, resumed, model_copy, x, y)
+    assert torch.equal(flat(model), flat(model_copy))
+
+
+@specs_for("dcp")
+def test_dcp_state_dict_round_trip(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    data = batches(8)
+    for x, y in data[:4]:
+        take_step(spec, optimizer, model, x, y)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    model_copy = copy.deepcopy(model)
+    resumed = spec.make(model_copy)
+    set_optimizer_state_dict(model_copy, resumed, optim_state_dict=saved)
+    for x, y in data[4:]:
+        take_step(spec, optimizer, model, x, y)
+        take_step(spec, resumed, model_copy, x, y)
+    assert torch.equal(flat(model), flat(model_copy))
+
+
+@specs_for("dcp")
+def test_dcp_initialisation_on_fresh_optimizer_leaves_parameters(spec):
+    # get_optimizer_state_dict on an empty optimizer calls step() with zero gradients and lr = 0.
+    model = toy_model()
+    optimizer = spec.make(model)
+    before = flat(model).clone()
+    get_optimizer_state_dict(model, optimizer)
+    assert torch.equal(flat(model), before)
+
+
+@specs_for("scheduler")
+def test_scheduler_setting_lr_to_zero_freezes_parameters(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    x, y = toy_data()
+    take_step(spec, optimizer, model, x, y)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    frozen = flat(model).clone()
+    for _ in range(3):
+        take_step(spec, optimizer, model, x, y)
+    assert torch.equal(flat(model), frozen)
+
+
+@specs_for("scheduler")
+def test_step_lr_and_one_cycle(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    x, y = toy_data()
+    initial = optimizer.param_groups[0]["lr"]
+    take_step(spec, optimizer, model, x, y)
+    step_lr.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(initial / 2)
+    model = toy_model()
+    optimizer = spec.make(model)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=spec.lr, total_steps=6, cycle_momentum=spec.momentum_key is not None)
+    seen = []
+    for _ in range(5):
+        take_step(spec, optimizer, model, x, y)
+        one_cycle.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert len(set(seen)) > 1
+    assert torch.isfinite(flat(model)).all()
+
+
+@specs_for("param_groups")
+def test_param_groups_with_different_hyperparameters(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    grouped = spec.make(model)
+    defaults = {key: value for key, value in grouped.param_groups[0].items() if key != "params"}
+    frozen_lr = dict(defaults, lr=0.0, params=second)
+    grouped.param_groups = []
+    grouped.state.clear()
+    grouped.add_param_group(dict(defaults, params=first))
+    grouped.add_param_group(frozen_lr)
+    del optimizer
+    before_second = torch.cat([p.detach().flatten() for p in second]).clone()
+    before_first = torch.cat([p.detach().flatten() for p in first]).clone()
+    x, y = toy_data()
+    for _ in range(3):
+        take_step(spec, grouped, model, x, y)
+    assert torch.equal(torch.cat([p.detach().flatten() for p in second]), before_second)
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in first]), before_first)
+
+
+@specs_for("param_groups")
+def test_add_param_group_trains_the_new_parameters(spec):
+    model = toy_model()
+    head_params = list(model[2].parameters())
+    for param in head_params:
+        param.requires_grad_(False)
+    optimizer = spec.make(model)
+    x, y = toy_data()
+    take_step(spec, optimizer, model, x, y)
+    for param in head_params:
+        param.requires_grad_(True)
+    defaults = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
+    optimizer.add_param_group(dict(defaults, params=[p for p in head_params
+                                                     if all(p is not q for q in optimizer.param_groups[0]["params"])]))
+    before = torch.cat([p.detach().flatten() for p in head_params]).clone()
+    for _ in range(3):
+        take_step(spec, optimizer, model, x, y)
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in head_params]), before)
+
+
+@specs_for("no_grad_params")
+def test_parameters_without_gradient_are_untouched(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    frozen = model[2].bias
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    x, y = toy_data()
+    for _ in range(4):
+        take_step(spec, optimizer, model, x, y)
+    assert torch.equal(frozen.detach(), before)
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in optimizer.state.get(frozen, {}).values())
+
+
+@specs_for("zero_grad_step")
+def test_all_zero_gradients_give_no_nan(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    if spec.closure_driven:
+        zero_closure = spec.make_closure(model, torch.zeros(8, 6), model(torch.zeros(8, 6)).detach(), loss_fn)
+        for _ in range(4):
+            optimizer.step(zero_closure)
+    else:
+        for _ in range(4):
+            for param in model.parameters():
+                param.grad = torch.zeros_like(param)
+            optimizer.step()
+    assert torch.isfinite(flat(model)).all()
+    for key, value in state_tensors(optimizer).items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+    x, y = toy_data()
+    for _ in range(3):
+        take_step(spec, optimizer, model, x, y)
+    assert torch.isfinite(flat(model)).all()
+
+
+@specs_for("closure")
+def test_step_returns_closure_loss(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    x, y = toy_data()
+    if spec.closure_driven:
+        closure = spec.make_closure(model, x, y, loss_fn)
+        expected = float(loss_fn(model(x), y).detach())
+    else:
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        expected = float(loss_fn(model(x), y).detach())
+    returned = optimizer.step(closure)
+    assert float(returned) == pytest.approx(expected, rel=1e-6)
+
+
+@specs_for("grad_scaler")
+def test_grad_scaler_with_unscale_and_clipping(spec):
+    model = toy_model()
+    optimizer = spec.make(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    x, y = toy_data()
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+        loss = loss_fn(output.float(), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss))
+    assert torch.isfinite(flat(model)).all()
+    assert losses[-1] < losses[0]
+    # An overflowing step is skipped: parameters unchanged, the scale halves.
+    before, scale = flat(model).clone(), scaler.get_scale()
+    optimizer.zero_grad()
+    scaler.scale(loss_fn(model(x), y) * float("inf")).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(flat(model), before)
+    assert scaler.get_scale() == scale / 2
+
+
+@specs_for("accumulation")
+def test_gradient_accumulation_equals_one_large_batch(spec):
+    # float64, so that the (mathematically equal) gradients differ only at 1e-16 and a
+    # preconditioner's amplification of rounding cannot hide a real accumulation error.
+    x, y = toy_data(32, dtype=torch.float64)
+    model_big, model_acc = toy_model(dtype=torch.float64), toy_model(dtype=torch.float64)
+    big, acc = spec.make(model_big), spec.make(model_acc)
+    for _ in range(4):
+        big.zero_grad()
+        loss_fn(model_big(x), y).backward()
+        big.step()
+        acc.zero_grad()
+        for half in (slice(0, 16), slice(16, 32)):
+            (loss_fn(model_acc(x[half]), y[half]) / 2).backward()
+        acc.step()
+    torch.testing.assert_close(flat(model_acc), flat(model_big), atol=1e-9, rtol=1e-9)
+
+
+@specs_for("determinism")
+def test_same_seed_same_result(spec):
+    results = []
+    for _ in range(2):
+        model = toy_model(seed=3)
+        optimizer = spec.make(model)
+        for x, y in batches(5):
+            take_step(spec, optimizer, model, x, y)
+        results.append(flat(model))
+    assert torch.equal(results[0], results[1])
+
+
+@specs_for("bf16")
+def test_bf16_parameters_keep_float32_state(spec):
+    model = toy_model(dtype=torch.bfloat16)
+    optimizer = spec.make(model)
+    for x, y in batches(4):
+        take_step(spec, optimizer, model, x.bfloat16(), y.bfloat16())
+    floating = {k: v for k, v in state_tensors(optimizer).items() if v.is_floating_point() and v.numel() > 1}
+    assert floating, "no floating state to check"
+    for key, value in floating.items():
+        assert value.dtype in (torch.float32, torch.float64), key
+    resumed = spec.make(copy.deepcopy(model))
+    resumed.load_state_dict(optimizer.state_dict())
+    for key, value in state_tensors(resumed).items():
+        if key in floating:
+            assert value.dtype == floating[key].dtype, key
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@specs_for("loss_decreases")
+def test_loss_decreases_on_a_toy_problem(spec):
+    model = toy_model()
+    optimizer = spec.make(model, lr=spec.lr)
+    x, y = toy_data(64)
+    initial = float(loss_fn(model(x), y))
+    for _ in range(40):
+        take_step(spec, optimizer, model, x, y)
+    final = float(loss_fn(model(x), y))
+    assert final < 0.5 * initial, (initial, final)
+
+
+@pytest.mark.parametrize("spec,kwargs,name", [
+    pytest.param(spec, kwargs, name, id=f"{spec.name}-{name}-{i}")
+    for spec in REGISTRY for i, (kwargs, name) in enumerate(spec.bad_arguments)])
+def test_bad_argument_raises_naming_it(spec, kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        spec.make(toy_model(), **kwargs)
+
+
+def test_registry_lists_every_public_optimizer():
+    import secondorder
+
+    public = {"Shampoo", "EKFAC", "AdaFisher", "AdaFisherW", "SINGD", "ExactGaussNewton", "SANIA"}
+    available = {name for name in public if hasattr(secondorder, name)}
+    registered = {spec.name.split("-")[0] for spec in REGISTRY}
+    assert available <= registered, available - registered
