@@ -12,7 +12,8 @@ Failure policy: functions that can fail numerically raise :class:`EigenFailure` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -65,7 +66,27 @@ def stable_eigh(matrix: Tensor, *, retry_float64: bool = True) -> tuple[Tensor, 
     return eigenvalues.to(dtype), eigenvectors.to(dtype)
 
 
-def batched_eigh(matrices: Sequence[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)`` (None: leave as is), then restore.
+
+    Multi-threaded LAPACK ``eigh`` collapses (100x and worse) on small shared CPU machines
+    as soon as another process holds a core, while one thread degrades gracefully
+    (reference/pytorch_conventions.md, appendix), so amortised eigendecompositions default
+    to one thread. Only CPU work is affected.
+    """
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def batched_eigh(matrices: Sequence[Tensor], *, num_threads: int | None = 1) -> list[tuple[Tensor, Tensor] | None]:
     """Eigendecompose many symmetric matrices, one ``eigh`` call per (shape, dtype, device).
 
     Same-shape matrices are stacked into one batched call (LAPACK loops inside C++ instead of
@@ -74,6 +95,7 @@ def batched_eigh(matrices: Sequence[Tensor]) -> list[tuple[Tensor, Tensor] | Non
 
     Args:
         matrices: ``n_i x n_i`` matrices.
+        num_threads: CPU threads for the decompositions (see :func:`cpu_threads`).
 
     Returns:
         One entry per input: ``(eigenvalues (n_i,), eigenvectors (n_i, n_i))``, or ``None``
@@ -83,22 +105,27 @@ def batched_eigh(matrices: Sequence[Tensor]) -> list[tuple[Tensor, Tensor] | Non
     groups: dict[tuple, list[int]] = {}
     for index, matrix in enumerate(matrices):
         groups.setdefault((tuple(matrix.shape), matrix.dtype, matrix.device), []).append(index)
-    for indices in groups.values():
-        try:
-            if len(indices) == 1:
-                stacked_values, stacked_vectors = stable_eigh(matrices[indices[0]])
-                results[indices[0]] = (stacked_values, stacked_vectors)
-                continue
-            stacked_values, stacked_vectors = stable_eigh(torch.stack([matrices[i] for i in indices]))
-            for position, index in enumerate(indices):
-                results[index] = (stacked_values[position], stacked_vectors[position])
-        except EigenFailure:
-            for index in indices:
-                try:
-                    results[index] = stable_eigh(matrices[index]) if len(indices) > 1 else None
-                except EigenFailure:
-                    results[index] = None
+    with cpu_threads(num_threads if any(m.device.type == "cpu" for m in matrices) else None):
+        for indices in groups.values():
+            _eigh_group(matrices, indices, results)
     return results
+
+
+def _eigh_group(matrices: Sequence[Tensor], indices: list[int], results: list) -> None:
+    """One stacked ``eigh`` for same-shape ``matrices[indices]``; failures retried one by one."""
+    if len(indices) == 1:
+        try:
+            results[indices[0]] = stable_eigh(matrices[indices[0]])
+        except EigenFailure:
+            results[indices[0]] = None
+        return
+    try:
+        values, vectors = stable_eigh(torch.stack([matrices[i] for i in indices]))
+        for position, index in enumerate(indices):
+            results[index] = (values[position], vectors[position])
+    except EigenFailure:
+        for index in indices:
+            _eigh_group(matrices, [index], results)
 
 
 def shifted_eigenvalues(eigenvalues: Tensor, epsilon: float) -> Tensor:

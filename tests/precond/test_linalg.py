@@ -184,3 +184,14 @@ def test_bias_correction():
     assert linalg.bias_correction(1.0, 5) == 1.0
     assert linalg.bias_correction(0.0, 5) == 1.0
     assert linalg.bias_correction(0.9, 2) == pytest.approx(0.19)
+
+
+def test_cpu_threads_restores_setting():
+    previous = torch.get_num_threads()
+    with linalg.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == previous
+    with pytest.raises(RuntimeError):
+        with linalg.cpu_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == previous
