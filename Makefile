@@ -20,8 +20,14 @@ $(PY):
 install: .torch-stamp
 	$(PIP) install --quiet -e .
 
+# Reference packages the test suite compares against. kronfluence pins packages we must not
+# let pip resolve (kronfluence lists torchvision, which would pull a CUDA torch), so they are installed
+# without dependencies; their real dependencies are in the test extra.
+REFERENCE_PACKAGES ?= kronfluence==1.0.1 singd==0.0.5
+
 install-test: .torch-stamp
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps $(REFERENCE_PACKAGES)
 
 install-bench: .torch-stamp
 	$(PIP) install --quiet -e ".[bench]"

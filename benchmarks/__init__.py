@@ -1,0 +1,1 @@
+"""Benchmark scripts of secondorder (race vs AdamW, step time, ...); see benchmarks/README.md."""

@@ -11,3 +11,15 @@ Public optimizers (each a ``torch.optim.Optimizer``)::
 """
 
 __version__ = "0.1.0"
+
+from secondorder.optimizers.sania import SANIA  # noqa: E402
+
+from secondorder.optimizers.shampoo import Shampoo  # noqa: E402
+
+from secondorder.optimizers.singd import SINGD  # noqa: E402
+
+from secondorder.optimizers.ekfac import EKFAC  # noqa: E402
+
+from secondorder.optimizers.adafisher import AdaFisher, AdaFisherW  # noqa: E402
+
+from secondorder.optimizers.gauss_newton import ExactGaussNewton  # noqa: E402

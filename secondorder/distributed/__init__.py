@@ -1,0 +1,23 @@
+"""Blocks and their distribution over ranks (DESIGN.md, "Blocks and distribution").
+
+* :mod:`~secondorder.distributed.blocking` — cutting parameters into blocks;
+* :mod:`~secondorder.distributed.distributor` — owner assignment and the per-step
+  collectives (:class:`Distributor` for one process, :class:`AllGatherDistributor` for
+  ``torchrun`` data parallelism);
+* :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding.
+
+Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distributor`)::
+
+    torch.distributed.init_process_group()          # under torchrun
+    model = DDP(model)
+    optimizer = secondorder.Shampoo(model.parameters(), lr=1e-3, distributor=True)
+"""
+
+from secondorder.distributed.distributor import (
+    AllGatherDistributor,
+    Distributor,
+    assign_owners,
+    resolve_distributor,
+)
+
+__all__ = ["AllGatherDistributor", "Distributor", "assign_owners", "resolve_distributor"]

@@ -71,8 +71,12 @@ class Distributor:
         """Owner rank of each block (see :func:`assign_owners`)."""
         return assign_owners(costs, self.world_size)
 
-    def all_gather_updates(self, updates: Sequence[Tensor | None], owners: Sequence[int],
-                           like: Sequence[Tensor | None] | None = None) -> list[Tensor | None]:
+    def all_gather_updates(
+        self,
+        updates: Sequence[Tensor | None],
+        owners: Sequence[int],
+        like: Sequence[Tensor | None] | None = None,
+    ) -> list[Tensor | None]:
         """Give every rank every block's update.
 
         Args:
@@ -90,7 +94,9 @@ class Distributor:
         _check_lengths(updates, owners, like)
         return list(updates)
 
-    def reduce_to_owners(self, stats: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+    def reduce_to_owners(
+        self, stats: Sequence[Tensor | None], owners: Sequence[int]
+    ) -> list[Tensor | None]:
         """Average per-rank statistics over ranks, delivered to each block's owner.
 
         Args:
@@ -104,7 +110,9 @@ class Distributor:
         _check_lengths(stats, owners, None)
         return list(stats)
 
-    def gather_to_owners(self, tensors: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+    def gather_to_owners(
+        self, tensors: Sequence[Tensor | None], owners: Sequence[int]
+    ) -> list[Tensor | None]:
         """Concatenate per-rank example tensors along dim 0, delivered to each block's owner.
 
         Args:
@@ -117,6 +125,21 @@ class Distributor:
         """
         _check_lengths(tensors, owners, None)
         return list(tensors)
+
+    def all_gather_values(
+        self, values: Sequence[Tensor | None], owners: Sequence[int], like: Sequence[Tensor | None]
+    ) -> list[Tensor | None]:
+        """Like :meth:`all_gather_updates`, but lossless: sent in the ``like`` tensors' dtype.
+
+        For owners' new *parameter values* (``like[i]``: a flat tensor of the block's values
+        on every rank, ``None`` where the block is absent everywhere).
+        """
+        _check_lengths(values, owners, like)
+        return list(values)
+
+    def any(self, flag: bool) -> bool:
+        """``flag`` OR-ed over ranks."""
+        return bool(flag)
 
 
 class AllGatherDistributor(Distributor):
@@ -139,22 +162,33 @@ class AllGatherDistributor(Distributor):
             ``float32`` promoted with the blocks' dtypes (lossless for float64 models).
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None,
-                 communication_dtype: torch.dtype | None = torch.float32) -> None:
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        communication_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
         if communication_dtype is not None and communication_dtype not in _COMMUNICATION_DTYPES:
-            raise ValueError(f"Invalid communication_dtype: {communication_dtype} "
-                             f"(expected one of {_COMMUNICATION_DTYPES} or None)")
+            raise ValueError(
+                f"Invalid communication_dtype: {communication_dtype} "
+                f"(expected one of {_COMMUNICATION_DTYPES} or None)"
+            )
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("Invalid process_group: torch.distributed is not initialised "
-                             "(call torch.distributed.init_process_group first, e.g. under torchrun)")
+            raise ValueError(
+                "Invalid process_group: torch.distributed is not initialised "
+                "(call torch.distributed.init_process_group first, e.g. under torchrun)"
+            )
         self.process_group = process_group
         self.communication_dtype = communication_dtype
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
 
-    def all_gather_updates(self, updates: Sequence[Tensor | None], owners: Sequence[int],
-                           like: Sequence[Tensor | None] | None = None) -> list[Tensor | None]:
-        """One flat all-gather of every owner's updates (see :meth:`Distributor.all_gather_updates`).
+    def all_gather_updates(
+        self,
+        updates: Sequence[Tensor | None],
+        owners: Sequence[int],
+        like: Sequence[Tensor | None] | None = None,
+    ) -> list[Tensor | None]:
+        """One flat all-gather of every owner's updates (:meth:`Distributor.all_gather_updates`).
 
         Rank ``r``'s slice holds, per block it owns (global order), a presence flag followed by
         the flattened update (zeros when the owner skipped the block). Returned tensors are
@@ -164,32 +198,83 @@ class AllGatherDistributor(Distributor):
             raise ValueError("Invalid like: AllGatherDistributor needs each block's shape (like=)")
         _check_lengths(updates, owners, like)
         present = [block for block in like if block is not None]
+        return (
+            self._gather(updates, owners, like, self._dtype(present))
+            if present
+            else [None] * len(updates)
+        )
+
+    def all_gather_values(
+        self, values: Sequence[Tensor | None], owners: Sequence[int], like: Sequence[Tensor | None]
+    ) -> list[Tensor | None]:
+        """One flat all-gather in the promoted dtype of ``like`` (lossless for parameter values)."""
+        _check_lengths(values, owners, like)
+        present = [block for block in like if block is not None]
         if not present:
-            return [None] * len(updates)
-        dtype = self._dtype(present)
-        layout = OwnerLayout.build(owners, [None if b is None else b.numel() for b in like],
-                                   self.world_size, header=True)
+            return [None] * len(values)
+        dtype = present[0].dtype
+        for block in present:
+            dtype = torch.promote_types(dtype, block.dtype)
+        return self._gather(values, owners, like, dtype)
+
+    def any(self, flag: bool) -> bool:
+        """``flag`` OR-ed over ranks (one all-reduce of one element)."""
+        if self.world_size == 1:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self._device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(value.item() > 0)
+
+    def _device(self) -> torch.device:
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _gather(
+        self,
+        updates: Sequence[Tensor | None],
+        owners: Sequence[int],
+        like: Sequence[Tensor | None],
+        dtype: torch.dtype,
+    ) -> list[Tensor | None]:
+        present = [block for block in like if block is not None]
+        layout = OwnerLayout.build(
+            owners, [None if b is None else b.numel() for b in like], self.world_size, header=True
+        )
         local = torch.zeros(max(layout.slice_size, 1), dtype=dtype, device=present[0].device)
-        for index, (update, owner) in enumerate(zip(updates, owners)):
+        for index, (update, owner) in enumerate(zip(updates, owners, strict=False)):
             if owner != self.rank or like[index] is None or update is None:
                 continue
             start, numel = layout.offsets[index], layout.numels[index]
             local[start] = 1
-            local[start + 1:start + 1 + numel].copy_(update.reshape(-1))
-        gathered = all_gather_flat(local, self.world_size, self.process_group).view(self.world_size, -1)
-        flags = gathered[torch.tensor(owners, dtype=torch.long, device=gathered.device),
-                         torch.tensor([max(o, 0) for o in layout.offsets], dtype=torch.long, device=gathered.device)
-                         ].tolist() if owners else []
+            local[start + 1 : start + 1 + numel].copy_(update.reshape(-1))
+        gathered = all_gather_flat(local, self.world_size, self.process_group).view(
+            self.world_size, -1
+        )
+        flags = (
+            gathered[
+                torch.tensor(owners, dtype=torch.long, device=gathered.device),
+                torch.tensor(
+                    [max(o, 0) for o in layout.offsets], dtype=torch.long, device=gathered.device
+                ),
+            ].tolist()
+            if owners
+            else []
+        )
         result: list[Tensor | None] = []
         for index, block in enumerate(like):
             if block is None or flags[index] == 0:
                 result.append(None)
                 continue
             start = layout.offsets[index] + 1
-            result.append(gathered[owners[index], start:start + layout.numels[index]].view(block.shape))
+            result.append(
+                gathered[owners[index], start : start + layout.numels[index]].view(block.shape)
+            )
         return result
 
-    def reduce_to_owners(self, stats: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+    def reduce_to_owners(
+        self, stats: Sequence[Tensor | None], owners: Sequence[int]
+    ) -> list[Tensor | None]:
         """One flat reduce-scatter: the mean over ranks lands on each block's owner."""
         _check_lengths(stats, owners, None)
         present = [s for s in stats if s is not None]
@@ -198,32 +283,45 @@ class AllGatherDistributor(Distributor):
         dtype = torch.promote_types(present[0].dtype, torch.float32)
         for tensor in present:
             dtype = torch.promote_types(dtype, tensor.dtype)
-        layout = OwnerLayout.build(owners, [None if s is None else s.numel() for s in stats], self.world_size)
+        layout = OwnerLayout.build(
+            owners, [None if s is None else s.numel() for s in stats], self.world_size
+        )
         size = max(layout.slice_size, 1)
         full = torch.zeros(self.world_size, size, dtype=dtype, device=present[0].device)
         for index, tensor in enumerate(stats):
             if tensor is not None:
                 start = layout.offsets[index]
-                full[owners[index], start:start + layout.numels[index]].copy_(tensor.reshape(-1))
-        mine = reduce_scatter_flat(full.view(-1), self.world_size, self.process_group).div_(self.world_size)
+                full[owners[index], start : start + layout.numels[index]].copy_(tensor.reshape(-1))
+        mine = reduce_scatter_flat(full.view(-1), self.world_size, self.process_group).div_(
+            self.world_size
+        )
         result: list[Tensor | None] = []
         for index, tensor in enumerate(stats):
             if tensor is None or owners[index] != self.rank:
                 result.append(None)
                 continue
             start = layout.offsets[index]
-            result.append(mine[start:start + layout.numels[index]].view(tensor.shape).to(tensor.dtype))
+            result.append(
+                mine[start : start + layout.numels[index]].view(tensor.shape).to(tensor.dtype)
+            )
         return result
 
-    def gather_to_owners(self, tensors: Sequence[Tensor | None], owners: Sequence[int]) -> list[Tensor | None]:
+    def gather_to_owners(
+        self, tensors: Sequence[Tensor | None], owners: Sequence[int]
+    ) -> list[Tensor | None]:
         """Per dtype: one all-gather of leading sizes, then one ``all_to_all_single`` to owners."""
         _check_lengths(tensors, owners, None)
         result: list[Tensor | None] = [None] * len(tensors)
         dtypes = sorted({t.dtype for t in tensors if t is not None}, key=str)
         for dtype in dtypes:
             indices = [i for i, t in enumerate(tensors) if t is not None and t.dtype == dtype]
-            for index, tensor in zip(indices, self._gather_same_dtype([tensors[i] for i in indices],
-                                                                     [owners[i] for i in indices])):
+            for index, tensor in zip(
+                indices,
+                self._gather_same_dtype(
+                    [tensors[i] for i in indices], [owners[i] for i in indices]
+                ),
+                strict=False,
+            ):
                 result[index] = tensor
         return result
 
@@ -239,22 +337,42 @@ class AllGatherDistributor(Distributor):
     def _gather_same_dtype(self, tensors: list[Tensor], owners: list[int]) -> list[Tensor | None]:
         device = tensors[0].device
         leading = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long, device=device)
-        sizes = all_gather_flat(leading, self.world_size, self.process_group).view(self.world_size, -1).tolist()
+        sizes = (
+            all_gather_flat(leading, self.world_size, self.process_group)
+            .view(self.world_size, -1)
+            .tolist()
+        )
         rows = [_row_numel(t) for t in tensors]
-        send = [t.reshape(-1) for owner in range(self.world_size)
-                for t, o in zip(tensors, owners) if o == owner]
-        send_splits = [sum(t.numel() for t, o in zip(tensors, owners) if o == owner) for owner in range(self.world_size)]
+        send = [
+            t.reshape(-1)
+            for owner in range(self.world_size)
+            for t, o in zip(tensors, owners, strict=False)
+            if o == owner
+        ]
+        send_splits = [
+            sum(t.numel() for t, o in zip(tensors, owners, strict=False) if o == owner)
+            for owner in range(self.world_size)
+        ]
         mine = [i for i, o in enumerate(owners) if o == self.rank]
-        receive_splits = [sum(sizes[source][i] * rows[i] for i in mine) for source in range(self.world_size)]
+        receive_splits = [
+            sum(sizes[source][i] * rows[i] for i in mine) for source in range(self.world_size)
+        ]
         output = torch.empty(sum(receive_splits), dtype=tensors[0].dtype, device=device)
         payload = torch.cat(send) if send else torch.empty(0, dtype=tensors[0].dtype, device=device)
-        dist.all_to_all_single(output, payload, receive_splits, send_splits, group=self.process_group)
+        if self.world_size == 1:
+            output = payload
+        else:
+            dist.all_to_all_single(
+                output, payload, receive_splits, send_splits, group=self.process_group
+            )
         pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
         cursor = 0
         for source in range(self.world_size):
             for i in mine:
                 count = sizes[source][i] * rows[i]
-                pieces[i].append(output[cursor:cursor + count].view(sizes[source][i], *tensors[i].shape[1:]))
+                pieces[i].append(
+                    output[cursor : cursor + count].view(sizes[source][i], *tensors[i].shape[1:])
+                )
                 cursor += count
         return [torch.cat(pieces[i]) if i in pieces else None for i in range(len(tensors))]
 
@@ -279,8 +397,10 @@ def resolve_distributor(distributor: Distributor | dist.ProcessGroup | bool | No
         return distributor
     if dist.is_available() and isinstance(distributor, dist.ProcessGroup):
         return AllGatherDistributor(process_group=distributor)
-    raise TypeError(f"Invalid distributor: expected None, a bool, a ProcessGroup or a Distributor, "
-                    f"got {type(distributor).__name__}")
+    raise TypeError(
+        f"Invalid distributor: expected None, a bool, a ProcessGroup or a Distributor, "
+        f"got {type(distributor).__name__}"
+    )
 
 
 def _row_numel(tensor: Tensor) -> int:

@@ -1,0 +1,57 @@
+"""EK-FAC influence queries: which training examples most influenced this output.
+
+Grosse et al. 2023 ("Studying Large Language Model Generalization with Influence Functions")
+score a training example ``m`` against a query ``q`` by ``∇f_qᵀ (G + λI)⁻¹ ∇L_m`` with an EK-FAC
+approximation ``G`` of the Gauss-Newton matrix. Typical use::
+
+    from secondorder import influence
+
+    task = influence.ClassificationTask()
+    factors = influence.fit_factors(model, task, train_set, strategy="ekfac", output_dir="factors")
+    result = influence.compute_pairwise_scores(model, task, factors, query_set, train_set)
+    best = result.top_k(10)          # most helpful / most harmful training examples per query
+
+Factors that ``secondorder.EKFAC`` accumulated while training can be used directly:
+``influence.InfluenceFactors.from_optimizer(optimizer)``.
+
+Sign: with a loss measurement, positive = helpful (removing the example raises the query loss).
+Units: raw scores are ``N ×`` the predicted change; :meth:`InfluenceScores.normalized` divides.
+Modules: :mod:`~secondorder.influence.task` (the task protocol),
+:mod:`~secondorder.influence.factors` (fitting stages and storage),
+:mod:`~secondorder.influence.scores` (queries), :mod:`~secondorder.influence.statistics` (maths).
+"""
+
+from secondorder.influence.factors import InfluenceFactors, fit_factors, load_factors
+from secondorder.influence.scores import (
+    InfluenceScores,
+    TopK,
+    compute_pairwise_scores,
+    compute_self_scores,
+    low_rank_factors,
+    preconditioned_query_gradients,
+)
+from secondorder.influence.statistics import STRATEGIES, LayerPreconditioner
+from secondorder.influence.task import (
+    ClassificationTask,
+    InfluenceTask,
+    LanguageModelTask,
+    sample_labels,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "ClassificationTask",
+    "InfluenceFactors",
+    "InfluenceScores",
+    "InfluenceTask",
+    "LanguageModelTask",
+    "LayerPreconditioner",
+    "TopK",
+    "compute_pairwise_scores",
+    "compute_self_scores",
+    "fit_factors",
+    "load_factors",
+    "low_rank_factors",
+    "preconditioned_query_gradients",
+    "sample_labels",
+]

@@ -8,6 +8,7 @@ EMA factors, see ``tests/optimizers/test_shampoo_reference.py``) gives the same 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from secondorder.distributed.blocking import BlockLayout
-from secondorder.distributed.distributor import Distributor
+from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.diagonal import (
@@ -106,6 +107,11 @@ class Shampoo(SecondOrderOptimizer):
             behaviour) instead of the graft's diagonal method.
         use_bias_correction: bias-correct factors, ``Λ`` and ``β₁``'s EMA.
         factor_dtype: dtype of factors and roots (``torch.float32`` or ``torch.float64``).
+        distributor: ``None`` (one process), ``True`` (every rank of the default process
+            group owns a cost-balanced share of the blocks, and one all-gather per step
+            shares the updates; use under ``torchrun`` with a DDP model), a
+            ``ProcessGroup``, or a :class:`~secondorder.distributed.Distributor`
+            (e.g. ``AllGatherDistributor(communication_dtype=torch.bfloat16)``).
 
     Example::
 
@@ -140,7 +146,7 @@ class Shampoo(SecondOrderOptimizer):
         precondition_1d: bool = False,
         use_bias_correction: bool = True,
         factor_dtype: torch.dtype = torch.float32,
-        distributor: Distributor | None = None,
+        distributor: Distributor | bool | None = None,
     ) -> None:
         if grafting is None:
             grafting = "none" if eigenvalue_correction else "adam"
@@ -180,13 +186,13 @@ class Shampoo(SecondOrderOptimizer):
             differentiable=False, foreach=None, fused=None,
         )
         super().__init__(params, defaults)
-        self.distributor = distributor or Distributor()
+        self.distributor = resolve_distributor(distributor)
         self._block_table: list[tuple[Tensor, int]] | None = None
         self._owners: list[int] | None = None
 
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
-        return BlockLayout.for_shape(param.shape, group["max_preconditioner_dim"])
+        return _cached_layout(tuple(param.shape), group["max_preconditioner_dim"])
 
     def _strategy(self, block_shape: tuple[int, ...], param: Tensor, group: dict[str, Any]) -> KroneckerFactors | None:
         """The block's Kronecker strategy, or None for a diagonal-only block (1-D params)."""
@@ -253,7 +259,7 @@ class Shampoo(SecondOrderOptimizer):
                                        grad_blocks[local_index], param_blocks[local_index]))
             for global_block, direction in self._group_directions(group, block_jobs):
                 updates[global_block] = direction
-        updates = self.distributor.all_gather_updates(updates, owners)
+        updates = self.distributor.all_gather_updates(updates, owners, [block for _, _, block in targets])
         self._apply(updates, targets)
         return loss
 
@@ -289,7 +295,8 @@ class Shampoo(SecondOrderOptimizer):
         graft_beta2 = group["betas"][1] if group["grafting"] == "none" else group["graft_beta2"]
         start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
         prepared = []
-        finite = torch.stack([torch.isfinite(job[4]).all() for job in jobs]).tolist() if jobs else []
+        # One fused max-|g| per block and one host sync per group (NaN and inf propagate).
+        finite = torch.isfinite(torch.stack(torch._foreach_norm([job[4] for job in jobs], ord=math.inf))).tolist() if jobs else []
         for (global_block, param, local_index, step, grad, weight), is_finite in zip(jobs, finite):
             strategy = self._strategy(tuple(grad.shape), param, group)
             state = self._block_state(param, local_index, weight, group, strategy)
@@ -360,6 +367,11 @@ class Shampoo(SecondOrderOptimizer):
                 param.mul_(1 - group["lr"] * group["weight_decay"])
                 decayed.add(id(param))
             block.add_(update.to(block.dtype), alpha=-group["lr"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_layout(shape: tuple[int, ...], max_dim: int | float) -> BlockLayout:
+    return BlockLayout.for_shape(shape, max_dim)
 
 
 def _exponents(order: int, override: dict[int, Any] | None, eigenvalue_corrected: bool) -> list[float]:

@@ -1,0 +1,202 @@
+"""Train the race's byte-level language model data-parallel, with any optimizer of the suite.
+
+The example to copy. On CPU (gloo) or N GPUs (nccl)::
+
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.train_distributed \\
+        --optimizer Shampoo --steps 200 --checkpoint-dir ckpt/shampoo --checkpoint-every 50
+    # ... interrupted?  The same command with --resume continues from the newest checkpoint,
+    # at any number of processes (the optimizer state is resharded):
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.train_distributed \\
+        --optimizer Shampoo --steps 200 --checkpoint-dir ckpt/shampoo --checkpoint-every 50 --resume
+    tensorboard --logdir runs
+
+What it shows:
+
+* ``torch.distributed.init_process_group`` (gloo on CPU, nccl on GPU) and a DDP model;
+* the optimizer built by name from the race's registry (``benchmarks/registry.py``), given
+  ``distributor=True`` when it accepts one: each rank then owns a cost-balanced share of the
+  preconditioner blocks, and one all-gather per step shares the updates (torch optimizers,
+  e.g. ``AdamW``, run replicated as usual);
+* capture-based optimizers (EKFAC, AdaFisher, SINGD) get ``model=`` the *unwrapped* module
+  (their hooks must see the layers, not DDP);
+* every rank draws its own batch (global batch = ``world_size × --batch``) from a generator
+  seeded by ``(seed, step, rank)``, so a resumed run sees exactly the batches it would have;
+* TensorBoard scalars from rank 0 (loss averaged over ranks, learning rate, step time);
+* a DCP checkpoint (model + optimizer + step) every ``--checkpoint-every`` steps into
+  ``--checkpoint-dir/step_<n>`` (:mod:`secondorder.distributed.checkpoint`); ``--resume``
+  loads the newest one.
+
+Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) it runs in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from benchmarks.registry import REGISTRY, build_optimizer, resolve_target
+from benchmarks.workloads import WORKLOADS, evaluate, lr_factor
+from secondorder.distributed.checkpoint import load_checkpoint, save_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--optimizer", default="Shampoo", help=f"registry name ({', '.join(REGISTRY)})"
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    parser.add_argument(
+        "--full", action="store_true", help="the race's full-size model (default: quick size)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--logdir", default=None, help="TensorBoard directory (default runs/<optimizer>)"
+    )
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--communication-dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    if args.optimizer not in REGISTRY:
+        parser.error(f"unknown optimizer {args.optimizer!r}")
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir")
+    return args
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Join the process group when launched by torchrun; returns ``(rank, world_size, device)``."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cpu")
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def make_optimizer(
+    name: str, model: torch.nn.Module, world_size: int, communication_dtype: torch.dtype
+):
+    """The registry's optimizer for W2, distributed when it takes ``distributor=``."""
+    entry = REGISTRY[name]
+    overrides = {}
+    accepts = (
+        entry.build is None
+        and "distributor" in inspect.signature(resolve_target(entry.target)).parameters
+    )
+    if world_size > 1 and accepts:
+        from secondorder.distributed import AllGatherDistributor
+
+        overrides["distributor"] = AllGatherDistributor(communication_dtype=communication_dtype)
+    return build_optimizer(name, model, "W2", **overrides)
+
+
+def newest_checkpoint(root: str) -> tuple[str, int] | None:
+    """``(path, step)`` of the newest ``step_<n>`` directory under ``root`` (None if none)."""
+    if not os.path.isdir(root):
+        return None
+    steps = [
+        int(name[5:])
+        for name in os.listdir(root)
+        if name.startswith("step_")
+        and name[5:].isdigit()
+        and os.path.exists(os.path.join(root, name, ".metadata"))
+    ]
+    return (os.path.join(root, f"step_{max(steps)}"), max(steps)) if steps else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train; returns 0. Every rank runs this function."""
+    args = parse_args(argv)
+    rank, world_size, device = setup()
+    entry = REGISTRY[args.optimizer]
+    task = WORKLOADS["W2"].setup(not args.full, args.steps)
+    if args.batch > task.meta["batch"]:
+        raise ValueError(
+            f"Invalid --batch: at most {task.meta['batch']} sequences per rank for this model size"
+        )
+    torch.manual_seed(args.seed)
+    model = task.make_model().to(device)
+    optimizer = make_optimizer(
+        args.optimizer, model, world_size, getattr(torch, args.communication_dtype)
+    )
+    wrapped = DistributedDataParallel(model) if world_size > 1 else model
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    start = 0
+    if args.resume:
+        found = newest_checkpoint(args.checkpoint_dir)
+        if found is not None:
+            extra = load_checkpoint(found[0], wrapped, optimizer, extra={"step": torch.tensor(0)})
+            start = int(extra["step"])
+            if rank == 0:
+                print(f"resumed from {found[0]} at step {start}", flush=True)
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(
+            args.logdir or os.path.join("runs", f"{args.optimizer}-ws{world_size}")
+        )
+    for step in range(start, args.steps):
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * world_size + rank)
+        inputs, targets = task.train_batch(generator)
+        inputs, targets = inputs[: args.batch].to(device), targets[: args.batch].to(device)
+        if entry.schedule:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=False):
+                group["lr"] = base * lr_factor(step, args.steps, task.warmup)
+        began = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(wrapped(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        elapsed = time.perf_counter() - began
+        loss = loss.detach()
+        if world_size > 1:
+            dist.all_reduce(loss)
+            loss /= world_size
+        if writer is not None:
+            writer.add_scalar("train/loss", float(loss), step + 1)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step + 1)
+            writer.add_scalar("train/step_seconds", elapsed, step + 1)
+        if rank == 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            metrics = evaluate(model, task) if device.type == "cpu" else {}
+            for key, value in metrics.items():
+                writer.add_scalar(f"eval/{key}", value, step + 1)
+            print(
+                f"step {step + 1}: loss {float(loss):.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                flush=True,
+            )
+        if args.checkpoint_dir and (
+            (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps
+        ):
+            save_checkpoint(
+                os.path.join(args.checkpoint_dir, f"step_{step + 1}"),
+                wrapped,
+                optimizer,
+                extra={"step": torch.tensor(step + 1)},
+            )
+    if writer is not None:
+        writer.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Layer ownership for optimizers whose block is a layer (EK-FAC, AdaFisher, SINGD).
+
+Such optimizers update every layer independently: the layer's statistics, factors, inverses
+and momentum touch no other layer. :class:`LayerOwnership` distributes them without any
+optimizer-specific code:
+
+1. **Blocks.** Each tracked layer (weight and bias together) is one block; every other
+   parameter of the param groups (the optimizers' Adam-style fallback) is a block of its own.
+   Blocks are listed in param_groups order and assigned by cost (LPT,
+   :func:`~secondorder.distributed.distributor.assign_owners`; a layer costs
+   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count).
+2. **Statistics.** :meth:`gather_stats` hands each owner the layer inputs and output
+   gradients captured on *every* rank's micro-batch, concatenated along the example
+   dimension (rank order), so the owner's statistics are those of the global batch;
+   non-owned layers' statistics are dropped.
+3. **The step.** Between :meth:`begin` and :meth:`finish` the gradients of blocks owned by
+   other ranks are hidden (set to ``None``, so the optimizer skips those parameters and keeps
+   no state for them); :meth:`finish` restores them and one all-gather of the owners'
+   updated parameter values (in the parameters' own dtype, so lossless) gives every rank the
+   new parameters.
+4. **Schedules.** :meth:`agree` ORs a flag over ranks, so the capture records when *some*
+   owner needs statistics.
+
+At world size 1 (:class:`~secondorder.distributed.distributor.Distributor`) the same calls
+hide nothing, gather nothing and copy nothing. Requirements: gradients identical on every
+rank (DDP) and the same sequence length ``T`` per layer on every rank (inputs are
+concatenated along the example dim only). Couplings across layers (EK-FAC's ``kl_clip``)
+cannot be distributed this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secondorder.distributed.distributor import Distributor
+
+__all__ = ["LayerOwnership"]
+
+
+class LayerOwnership:
+    """Ownership of layers (and fallback parameters) for a per-layer optimizer.
+
+    Args:
+        optimizer: the optimizer (its ``param_groups`` give the parameter order).
+        distributor: where blocks live (``Distributor()`` at world size 1).
+        layers: returns the tracked layers (objects with ``weight``, ``bias``, ``kind``,
+            ``in_features``, ``out_features``, e.g.
+            :class:`~secondorder.precond.capture.CapturedLayer`), in a rank-independent order.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        distributor: Distributor,
+        layers: Callable[[], Sequence[Any]],
+    ) -> None:
+        self.optimizer = optimizer
+        self.distributor = distributor
+        self._layers = layers
+        self._key: tuple[int, ...] | None = None
+        self._blocks: list[list[Tensor]] = []
+        self._owners: list[int] = []
+        self._owner_of: dict[int, int] = {}
+        self._hidden: list[tuple[Tensor, Tensor]] = []
+        self._active: list[bool] = []
+
+    # -- blocks and owners ------------------------------------------------------------------
+    def blocks(self) -> tuple[list[list[Tensor]], list[int]]:
+        """``(blocks, owners)``: per block its parameters, and its owner rank (cached)."""
+        layers = list(self._layers())
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        key = tuple(id(p) for p in params) + (-1,) + tuple(id(layer.weight) for layer in layers)
+        if key != self._key:
+            by_weight = {id(layer.weight): layer for layer in layers}
+            in_layer = {
+                id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None
+            }
+            blocks, costs = [], []
+            for param in params:
+                layer = by_weight.get(id(param))
+                if layer is not None:
+                    members = [p for p in (layer.weight, layer.bias) if p is not None]
+                    blocks.append(members)
+                    costs.append(_layer_cost(layer) + sum(p.numel() for p in members))
+                elif id(param) not in in_layer:
+                    blocks.append([param])
+                    costs.append(float(param.numel()))
+            self._key, self._blocks = key, blocks
+            self._owners = self.distributor.assign(costs)
+            self._owner_of = {
+                id(p): owner
+                for block, owner in zip(blocks, self._owners, strict=True)
+                for p in block
+            }
+        return self._blocks, self._owners
+
+    def is_owned(self, param: Tensor) -> bool:
+        """Whether this rank owns ``param``'s block."""
+        self.blocks()
+        return self._owner_of.get(id(param), self.distributor.rank) == self.distributor.rank
+
+    def owned_layers(self, layers: Sequence[Any]) -> list[Any]:
+        """The members of ``layers`` whose block this rank owns (order kept)."""
+        return [layer for layer in layers if self.is_owned(layer.weight)]
+
+    # -- statistics -------------------------------------------------------------------------
+    def gather_stats(self, stats: dict[Any, Any]) -> dict[Any, Any]:
+        """Owned layers' statistics over the global batch; others dropped.
+
+        Args:
+            stats: ``{layer: LayerStats}`` captured on this rank (the same layers on every
+                rank): ``inputs`` ``(N_rank, T, ...)``, ``output_grads`` ``(N_rank, T, ...)``,
+                ``num_examples`` and ``num_positions``.
+
+        Returns:
+            ``{layer: LayerStats}`` for owned layers only, with ``inputs`` / ``output_grads``
+            concatenated over ranks (rank order) and counts summed.
+        """
+        if self.distributor.world_size == 1:
+            return stats
+        self.blocks()
+        layers = [layer for layer in self._layers() if layer in stats]
+        tensors, owners = [], []
+        for layer in layers:
+            owner = self._owner_of[id(layer.weight)]
+            item = stats[layer]
+            counts = torch.tensor(
+                [[item.num_examples, item.num_positions]],
+                dtype=torch.long,
+                device=item.output_grads.device,
+            )
+            tensors += [item.inputs, item.output_grads, counts]
+            owners += [owner] * 3
+        gathered = self.distributor.gather_to_owners(tensors, owners)
+        result = {}
+        for index, layer in enumerate(layers):
+            inputs, grads, counts = gathered[3 * index : 3 * index + 3]
+            if inputs is None:
+                continue
+            item = stats[layer]
+            totals = counts.sum(dim=0).tolist()
+            result[layer] = type(item)(
+                inputs=inputs,
+                output_grads=grads,
+                num_examples=int(totals[0]),
+                num_positions=int(totals[1]),
+            )
+        return result
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` OR-ed over ranks (a collective at world size > 1)."""
+        return self.distributor.any(flag)
+
+    # -- the step ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Hide the gradients of blocks other ranks own (the optimizer then skips them)."""
+        blocks, owners = self.blocks()
+        self._active = [any(p.grad is not None for p in block) for block in blocks]
+        self._hidden = []
+        for block, owner in zip(blocks, owners, strict=False):
+            if owner == self.distributor.rank:
+                continue
+            for param in block:
+                if param.grad is not None:
+                    self._hidden.append((param, param.grad))
+                    param.grad = None
+
+    def finish(self) -> None:
+        """Restore hidden gradients; all-gather owned blocks' new values onto every rank."""
+        for param, grad in self._hidden:
+            param.grad = grad
+        self._hidden = []
+        if self.distributor.world_size == 1:
+            return
+        blocks, owners = self.blocks()
+        flat = [
+            torch.cat([p.detach().reshape(-1) for p in block]) if active else None
+            for block, active in zip(blocks, self._active, strict=False)
+        ]
+        rank = self.distributor.rank
+        values = [v if owner == rank else None for v, owner in zip(flat, owners, strict=True)]
+        gathered = self.distributor.all_gather_values(values, owners, flat)
+        for block, owner, value in zip(blocks, owners, gathered, strict=False):
+            if owner == self.distributor.rank or value is None:
+                continue
+            offset = 0
+            for param in block:
+                param.detach().copy_(value[offset : offset + param.numel()].view(param.shape))
+                offset += param.numel()
+
+
+def _layer_cost(layer: Any) -> float:
+    """Eigendecomposition cost of a layer's two Kronecker factors (diagonal for embeddings)."""
+    d_in, d_out = int(layer.in_features), int(layer.out_features)
+    groups = int(getattr(layer, "groups", 1))
+    input_cost = (
+        d_in
+        if getattr(layer, "kind", "linear") in ("embedding", "layernorm", "batchnorm")
+        else d_in**3
+    )
+    return float(groups * (d_out**3 + input_cost))

@@ -1,0 +1,497 @@
+"""Fit once, query many: the covariance, eigendecomposition and eigenvalue-correction stages.
+
+:func:`fit_factors` runs what a strategy needs (reference/influence.md §3.3):
+
+==========  ==========================================================================
+strategy    stages
+==========  ==========================================================================
+identity    none
+diagonal    ``lambda_identity`` (mean squared per-example gradient)
+kfac        ``covariance`` → ``eigendecomposition``
+ekfac       ``covariance`` → ``eigendecomposition`` → ``lambda_kronecker``
+==========  ==========================================================================
+
+With ``output_dir`` each stage is saved as ``<stage>.safetensors`` + ``<stage>.json`` (the
+arguments: Fisher mode, seed, tracked modules and their shapes, dataset size, a fingerprint of
+the indices and of a few examples, the model's weight fingerprint, dtype). Running again with
+the same arguments loads the stage instead of recomputing it; different arguments raise a
+``ValueError`` naming the difference (``overwrite=True`` recomputes). ``kfac`` and ``ekfac``
+share the covariance and eigendecomposition stages, so fitting ``ekfac`` after ``kfac`` in one
+directory only adds the correction. ``data_partitions=k`` fits each stage in ``k`` contiguous
+chunks, each saved as it finishes (a killed run resumes at the next chunk), and sums them — the
+result does not depend on ``k`` or on the batch size. Under ``torch.distributed`` every rank
+fits a contiguous shard and the sums are all-reduced (gloo on CPU or NCCL); rank 0 writes the
+files.
+
+Memory stays bounded by the batch size: per-example gradients exist one batch at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secondorder.influence.collect import (
+    FISHER_MODES,
+    LayerRecorder,
+    iterate_batches,
+    resolve_indices,
+    shard,
+    world,
+)
+from secondorder.influence.statistics import (
+    STRATEGIES,
+    LayerPreconditioner,
+    covariance_sums,
+    eigendecompose,
+    lambda_sums,
+)
+from secondorder.influence.storage import StageStore, dataset_fingerprint, model_fingerprint
+from secondorder.influence.task import InfluenceTask
+from secondorder.optimizers.validation import check_choice, check_int
+
+__all__ = ["InfluenceFactors", "fit_factors", "load_factors"]
+
+_STAGES = {
+    "identity": (),
+    "diagonal": ("lambda_identity",),
+    "kfac": ("covariance", "eigendecomposition"),
+    "ekfac": ("covariance", "eigendecomposition", "lambda_kronecker"),
+}
+
+
+class InfluenceFactors:
+    """Fitted curvature of every tracked layer, ready to precondition query gradients.
+
+    Attributes:
+        strategy: one of ``identity``, ``diagonal``, ``kfac``, ``ekfac``.
+        layers: ``{module name: {tensor name: tensor}}`` with (per layer, ``groups`` first):
+            ``activation_covariance`` / ``gradient_covariance`` (sums) and
+            ``activation_count`` / ``gradient_count``; ``activation_eigenvalues``,
+            ``activation_eigenvectors``, ``gradient_eigenvalues``, ``gradient_eigenvectors``
+            (of the normalised factors); ``lambda`` (sum) and ``lambda_count``.
+        names: tracked module names (the order of the task's model).
+        arguments: the fitting arguments (as stored in the stage JSON files).
+    """
+
+    def __init__(
+        self,
+        strategy: str,
+        layers: Mapping[str, Mapping[str, Tensor]],
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.strategy = check_choice("strategy", strategy, STRATEGIES)
+        self.layers = {name: dict(tensors) for name, tensors in layers.items()}
+        self.names = list(self.layers)
+        self.arguments = dict(arguments or {})
+
+    def preconditioners(self, damping: float | None = None) -> dict[str, LayerPreconditioner]:
+        """One :class:`LayerPreconditioner` per layer.
+
+        Args:
+            damping: absolute ``λ ≥ 0`` added to every eigenvalue, or ``None`` for the
+                heuristic ``0.1 × mean(Λ)`` per layer (Grosse et al. 2023).
+        """
+        if damping is not None:
+            from secondorder.optimizers.validation import check_real
+
+            damping = check_real("damping", damping, low=0.0)
+        result = {}
+        for name, tensors in self.layers.items():
+            tensors = dict(tensors)
+            if "lambda" in tensors:
+                tensors["lambda"] = tensors["lambda"].double() / float(tensors["lambda_count"])
+            result[name] = LayerPreconditioner(self.strategy, tensors, damping)
+        return result
+
+    @classmethod
+    def from_optimizer(cls, optimizer: Any, strategy: str = "ekfac") -> InfluenceFactors:
+        """Reuse the statistics ``secondorder.EKFAC`` accumulated during training.
+
+        The optimizer keeps, per tracked layer, the (running-average) K-FAC factors, their
+        eigenbases and the EK-FAC correction — exactly what influence fits, in the same layout
+        (:mod:`secondorder.precond.kfac`). With ``stat_decay=0`` and one statistics step over a
+        dataset (any number of accumulated micro-batches) they equal :func:`fit_factors` on
+        that dataset with ``fisher="empirical"``. Tensors are copied.
+
+        Args:
+            optimizer: a ``secondorder.EKFAC`` that has taken at least one step (any object
+                with a ``capture`` of layers and per-weight ``state`` in that layout).
+            strategy: ``ekfac`` (the corrected eigenvalues) or ``kfac`` (``λ_S λ_Aᵀ``).
+
+        Raises:
+            ValueError: a tracked layer has no eigenbasis yet.
+        """
+        check_choice("strategy", strategy, ("kfac", "ekfac"))
+        capture = getattr(optimizer, "capture", None)
+        if capture is None or not hasattr(optimizer, "state"):
+            raise TypeError(
+                f"Invalid optimizer: {type(optimizer).__name__} keeps no captured layer statistics"
+            )
+        layers = {}
+        for layer in capture.layers:
+            state = optimizer.state.get(layer.weight, {})
+            if "gradient_basis" not in state:
+                raise ValueError(
+                    f"Invalid optimizer: layer {layer.name!r} has no eigenbasis yet "
+                    "(take a step first)"
+                )
+            one = torch.ones((), dtype=torch.float64)
+            tensors = {
+                "activation_covariance": state["activation_factor"],
+                "activation_count": one,
+                "gradient_covariance": state["gradient_factor"],
+                "gradient_count": one,
+                "gradient_eigenvectors": state["gradient_basis"],
+                "gradient_eigenvalues": state["gradient_eigenvalues"],
+                "activation_eigenvalues": state["activation_eigenvalues"],
+            }
+            if state.get("activation_basis") is not None:
+                tensors["activation_eigenvectors"] = state["activation_basis"]
+            if strategy == "ekfac":
+                tensors["lambda"], tensors["lambda_count"] = state["correction"], one
+            layers[layer.name] = {
+                key: value.detach().clone().cpu() for key, value in tensors.items()
+            }
+        return cls(strategy, layers, {"source": type(optimizer).__name__})
+
+
+def _flatten(layers: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    return {
+        f"{name}/{key}": value for name, tensors in layers.items() for key, value in tensors.items()
+    }
+
+
+def _unflatten(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    layers: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, tensor_name = key.rpartition("/")
+        layers.setdefault(name, {})[tensor_name] = value
+    return layers
+
+
+def _all_reduce(layers: dict[str, dict[str, Tensor]]) -> None:
+    """Sum every tensor over ranks in place (no-op in a single process)."""
+    if world()[1] == 1:
+        return
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+    for tensors in layers.values():
+        for key, value in tensors.items():
+            work = value.to(device=device, dtype=torch.float64, copy=True)
+            torch.distributed.all_reduce(work, op=torch.distributed.ReduceOp.SUM)
+            tensors[key] = work.to(device="cpu", dtype=value.dtype)
+
+
+class _Fit:
+    """Shared state of one :func:`fit_factors` call (arguments, store, recorder, data)."""
+
+    def __init__(
+        self,
+        model,
+        task,
+        dataset,
+        *,
+        fisher,
+        seed,
+        batch_size,
+        indices,
+        collate_fn,
+        device,
+        store,
+        data_partitions,
+        progress,
+        dtype,
+    ) -> None:
+        self.model, self.task, self.dataset = model, task, dataset
+        self.fisher, self.seed, self.batch_size = fisher, seed, batch_size
+        self.collate_fn, self.device, self.store = collate_fn, device, store
+        self.partitions, self.progress = data_partitions, progress
+        self.indices = resolve_indices(dataset, indices, "indices")
+        if not self.indices:
+            raise ValueError("Invalid dataset: no examples to fit on")
+        self.recorder = LayerRecorder(model, task)
+        self.dtype = dtype or next(iter(self.recorder.layers)).weight.dtype
+        self.arguments = {
+            "fisher": fisher,
+            # sampled labels follow the batching: then these decide the factors too
+            "seed": seed if fisher == "sampled" else None,
+            "batch_size": batch_size if fisher == "sampled" else None,
+            "data_partitions": data_partitions if fisher == "sampled" else None,
+            "world_size": world()[1] if fisher == "sampled" else None,
+            "modules": {
+                layer.name: [layer.kind, layer.groups, layer.out_features, layer.in_features]
+                for layer in self.recorder.layers
+            },
+            "dataset_size": len(dataset),
+            "num_examples": len(self.indices),
+            "data": dataset_fingerprint(dataset, self.indices),
+            "model": model_fingerprint(model),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def stage(
+        self,
+        name: str,
+        compute: Callable[[list[int], str, int], dict[str, dict[str, Tensor]]],
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, dict[str, Tensor]]:
+        """Load ``name`` if finished with these arguments, else compute (by partitions) and save."""
+        arguments = {**self.arguments, **(extra or {})}
+        if world()[1] > 1:  # every rank decides skip-or-compute on the same files
+            torch.distributed.barrier()
+        loaded = self.store.load(name, arguments)
+        if loaded is not None:
+            return _unflatten(loaded)
+        total: dict[str, dict[str, Tensor]] | None = None
+        count = len(self.indices)
+        for part in range(self.partitions):
+            part_name = f"{name}.part{part}of{self.partitions}"
+            chunk = self.indices[
+                count * part // self.partitions : count * (part + 1) // self.partitions
+            ]
+            result = None if self.partitions == 1 else self.store.load(part_name, arguments)
+            result = _unflatten(result) if result is not None else None
+            if result is None:
+                local, _ = shard(chunk)
+                desc = f"{name} {part + 1}/{self.partitions}" if self.partitions > 1 else name
+                result = compute(local, desc, part)
+                _all_reduce(result)
+                if self.partitions > 1 and world()[0] == 0:
+                    self.store.save(part_name, _flatten(result), arguments)
+            if total is None:
+                total = result
+            else:
+                for layer, tensors in result.items():
+                    for key, value in tensors.items():
+                        total[layer][key] = total[layer][key] + value
+        if world()[0] == 0:
+            self.store.save(name, _flatten(total), arguments)
+        return total
+
+    def batches(self, indices: Sequence[int], desc: str):
+        return iterate_batches(
+            self.dataset,
+            indices,
+            self.batch_size,
+            self.collate_fn,
+            device=self.device,
+            progress=self.progress,
+            desc=desc,
+        )
+
+    def generator(self, part: int) -> torch.Generator | None:
+        """The label sampler of one data partition on this rank (``seed`` itself for rank 0,
+        partition 0), so shards and partitions draw independent labels."""
+        if self.fisher != "sampled":
+            return None
+        stream = world()[0] * self.partitions + part
+        return torch.Generator().manual_seed(self.seed + 1_000_003 * stream)
+
+    def _empty(self, shapes: Callable) -> dict[str, dict[str, Tensor]]:
+        return {layer.name: shapes(layer) for layer in self.recorder.layers}
+
+    def covariance(self, indices: list[int], desc: str, part: int) -> dict[str, dict[str, Tensor]]:
+        dtype = self.dtype
+
+        def zeros(layer):
+            g, o, i = layer.groups, layer.out_features, layer.in_features
+            activation = (
+                torch.zeros(1, i, dtype=dtype)
+                if layer.kind == "embedding"
+                else torch.zeros(g, i, i, dtype=dtype)
+            )
+            return {
+                "activation_covariance": activation,
+                "gradient_covariance": torch.zeros(g, o, o, dtype=dtype),
+                "activation_count": torch.zeros((), dtype=torch.float64),
+                "gradient_count": torch.zeros((), dtype=torch.float64),
+            }
+
+        sums = self._empty(zeros)
+        generator = self.generator(part)
+        for _, batch in self.batches(indices, desc):
+            passes = self.recorder.train_passes(batch, self.fisher, generator)
+            for number, rows_by_layer in enumerate(passes):
+                for name, rows in rows_by_layer.items():
+                    activation, gradient = covariance_sums(rows, dtype)
+                    target = sums[name]
+                    target["gradient_covariance"] += gradient.cpu()
+                    if number == 0:  # activations are the same in every pass of a batch
+                        target["activation_covariance"] += activation.cpu()
+                        target["activation_count"] += rows.stats.num_positions
+                        target["gradient_count"] += rows.stats.num_positions
+        return sums
+
+    def lambdas(
+        self,
+        indices: list[int],
+        desc: str,
+        part: int,
+        bases: Mapping[str, Mapping[str, Tensor]] | None,
+    ) -> dict[str, dict[str, Tensor]]:
+        dtype = self.dtype
+
+        def zeros(layer):
+            return {
+                "lambda": torch.zeros(
+                    layer.groups, layer.out_features, layer.in_features, dtype=dtype
+                ),
+                "lambda_count": torch.zeros((), dtype=torch.float64),
+            }
+
+        sums = self._empty(zeros)
+        generator = self.generator(part)
+        for _, batch in self.batches(indices, desc):
+            passes = self.recorder.train_passes(batch, self.fisher, generator)
+            for number, rows_by_layer in enumerate(passes):
+                for name, rows in rows_by_layer.items():
+                    device = rows.stats.output_grads.device
+                    layer_bases = {} if bases is None else bases[name]
+                    basis_s = layer_bases.get("gradient_eigenvectors")
+                    basis_a = layer_bases.get("activation_eigenvectors")
+                    sums[name]["lambda"] += lambda_sums(
+                        rows,
+                        dtype,
+                        None if basis_s is None else basis_s.to(device),
+                        None if basis_a is None else basis_a.to(device),
+                    ).cpu()
+                    if number == 0:
+                        sums[name]["lambda_count"] += rows.num_examples
+        return sums
+
+
+def fit_factors(
+    model: nn.Module,
+    task: InfluenceTask,
+    dataset: Any,
+    *,
+    strategy: str = "ekfac",
+    fisher: str = "empirical",
+    seed: int = 0,
+    batch_size: int = 32,
+    indices: Sequence[int] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    device: torch.device | str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    data_partitions: int = 1,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> InfluenceFactors:
+    """Fit the factors ``strategy`` needs on ``dataset`` (module docstring).
+
+    Args:
+        model: the trained model (put it in ``eval()`` mode first if it has dropout or
+            batch norm; it is not modified).
+        task: an :class:`~secondorder.influence.task.InfluenceTask`.
+        dataset: indexable (``dataset[i]`` is one example, ``len(dataset)``).
+        strategy: ``identity``, ``diagonal``, ``kfac`` or ``ekfac``.
+        fisher: ``empirical`` (dataset labels), ``sampled`` (labels drawn from the model with a
+            generator seeded by ``seed``: reproducible) or ``exact`` (expectation over the
+            classes; needs ``task.compute_train_logits``).
+        seed: seed of the label sampling (one generator per stage and data partition, so
+            the labels are reproducible for the same batch size, partitions and world size).
+        batch_size: examples per forward/backward pass (bounds the memory).
+        indices: the dataset positions to fit on (default all).
+        collate_fn: turns a list of examples into a batch (default ``default_collate``).
+        device: where batches are moved (the model must already be there).
+        output_dir: the factors directory (``None`` = keep nothing on disk).
+        overwrite: recompute stages whose stored arguments differ instead of raising.
+        data_partitions: fit in this many contiguous chunks, each saved as it finishes.
+        dtype: dtype of the accumulated statistics (default: the tracked weights' dtype);
+            eigendecompositions always run in float64.
+        progress: show tqdm progress bars (when tqdm is installed).
+
+    Returns:
+        :class:`InfluenceFactors`. Normalisations: ``A``, ``S`` by the number of counted
+        positions (tokens), ``Λ`` by the number of examples.
+    """
+    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("fisher", fisher, FISHER_MODES)
+    check_int("batch_size", batch_size, low=1)
+    check_int("data_partitions", data_partitions, low=1)
+    check_int("seed", seed)
+    store = StageStore(output_dir, overwrite=overwrite)
+    fit = _Fit(
+        model,
+        task,
+        dataset,
+        fisher=fisher,
+        seed=seed,
+        batch_size=batch_size,
+        indices=indices,
+        collate_fn=collate_fn,
+        device=None if device is None else torch.device(device),
+        store=store,
+        data_partitions=data_partitions,
+        progress=progress,
+        dtype=dtype,
+    )
+    try:
+        layers: dict[str, dict[str, Tensor]] = {name: {} for name in fit.recorder.names}
+        if strategy in ("kfac", "ekfac"):
+            covariance = fit.stage("covariance", fit.covariance)
+
+            def eigen() -> dict[str, dict[str, Tensor]]:
+                return {
+                    name: eigendecompose(
+                        tensors["activation_covariance"]
+                        / max(float(tensors["activation_count"]), 1.0),
+                        tensors["gradient_covariance"] / max(float(tensors["gradient_count"]), 1.0),
+                        name,
+                    )
+                    for name, tensors in covariance.items()
+                }
+
+            loaded = store.load("eigendecomposition", fit.arguments)
+            decomposition = _unflatten(loaded) if loaded is not None else eigen()
+            if loaded is None and world()[0] == 0:
+                store.save("eigendecomposition", _flatten(decomposition), fit.arguments)
+            for name in layers:
+                layers[name].update(covariance[name])
+                layers[name].update(decomposition[name])
+            if strategy == "ekfac":
+                lambdas = fit.stage(
+                    "lambda_kronecker",
+                    lambda idx, desc, part: fit.lambdas(idx, desc, part, decomposition),
+                )
+                for name in layers:
+                    layers[name].update(lambdas[name])
+        elif strategy == "diagonal":
+            lambdas = fit.stage(
+                "lambda_identity", lambda idx, desc, part: fit.lambdas(idx, desc, part, None)
+            )
+            for name in layers:
+                layers[name].update(lambdas[name])
+        return InfluenceFactors(strategy, layers, fit.arguments)
+    finally:
+        fit.recorder.close()
+
+
+def load_factors(output_dir: str | os.PathLike, strategy: str = "ekfac") -> InfluenceFactors:
+    """Load finished stages from ``output_dir`` without a model (safetensors, no pickle).
+
+    Raises:
+        ValueError: a stage ``strategy`` needs is missing.
+    """
+    check_choice("strategy", strategy, STRATEGIES)
+    store = StageStore(output_dir)
+    layers: dict[str, dict[str, Tensor]] = {}
+    arguments: dict[str, Any] = {}
+    for stage in _STAGES[strategy]:
+        saved = store.saved_arguments(stage)
+        if saved is None:
+            raise ValueError(
+                f"Invalid output_dir: stage '{stage}' of strategy {strategy!r} "
+                f"is not in {output_dir}"
+            )
+        arguments = saved
+        for name, tensors in _unflatten(store.load(stage, saved)).items():
+            layers.setdefault(name, {}).update(tensors)
+    return InfluenceFactors(strategy, layers, arguments)

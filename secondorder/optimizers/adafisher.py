@@ -1,0 +1,321 @@
+"""AdaFisher and AdaFisherW (Gomes et al., ICLR 2025, arXiv 2405.16397).
+
+Adam with ``√v̂`` replaced by a per-layer Kronecker-diagonal Fisher ``F̃ = H ⊗ S + λ`` (no square
+root), refreshed every ``update_freq`` steps. The maths is in
+:mod:`secondorder.precond.fisher_diagonal`; reference/adafisher.md has the official code's
+behaviour and defects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secondorder.distributed.distributor import Distributor
+from secondorder.optimizers.base import ParamsT, split_model_argument
+from secondorder.optimizers.capturing import CapturingOptimizer
+from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
+from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.precond.fisher_diagonal import (
+    diagonal_statistics,
+    fisher_diagonal,
+    minmax_normalize,
+)
+from secondorder.precond.kfac import statistics_dtype
+from secondorder.precond.linalg import NumericalWarning, bias_correction
+
+EMA_MODES = ("paper", "reference")
+UNSUPPORTED_MODES = ("adam", "identity")
+
+
+class AdaFisher(CapturingOptimizer):
+    r"""AdaFisher: momentum divided by a Kronecker-diagonal Fisher (coupled L2 weight decay).
+
+    Tracked layers (weight among the params, identity-matched): ``nn.Linear``, ``nn.Conv2d``,
+    ``nn.LayerNorm``, ``nn.BatchNorm{1,2,3}d`` (the paper's set). With ``t`` the weight's
+    step count from 1, the factor refresh runs when ``(t−1) % update_freq == 0`` (the official
+    code's ``TCov``, counted from its first step); the capture records only then. Per layer,
+    from the raw diagonals ``ĥ, ŝ`` (``fisher_diagonal.diagonal_statistics``),
+    with ``H = S = 1`` before the first refresh and ``N(·)`` min-max normalisation:
+
+    ``ema="paper"`` (default) — the paper's rule: an exponential moving average with decay
+    ``γ`` of the raw statistics, normalised when the Fisher is assembled::
+
+        H ← γH + (1−γ)ĥ,   S ← γS + (1−γ)ŝ,   F̃ = N(H) ⊗ N(S) + λ
+
+    ``ema="reference"`` — the official code's arithmetic (every release;
+    adafisher.md §4): normalise each window, then a non-convex average::
+
+        H ← (γ/10)H + (γ/100)N(ĥ),   S likewise,   F̃ = H ⊗ S + λ
+
+    With the defaults the reference rule drives ``H, S`` to ≈0.0087·N(·), so ``F̃ ≈ λ`` and the
+    method becomes heavy-ball SGD with lr ``η(1−β)/λ`` (adafisher.md §10); its ``ŝ`` is that of
+    the mean-reduced loss (ours divided by ``N²``), as in the official code. Where the
+    official code computes statistics differently (BatchNorm raw input, LayerNorm dim-1
+    reduction, conv dilation ignored) both modes use the corrected statistics of
+    :mod:`~secondorder.precond.fisher_diagonal`.
+
+    Update per parameter (``κ`` = weight decay, ``β = betas[0]``)::
+
+        g ← g + κθ                        (AdaFisher: coupled L2)
+        m ← βm + (1−β)g,   m̂ = m/(1−β^t)
+        θ ← θ − η·(m̂ ⊘ F̃  [+ κθ for AdaFisherW, not divided by F̃])
+
+    Parameters outside tracked layers: ``unsupported="adam"`` (default, an extension of the
+    paper) uses ``m̂ / (√v̂ + ε)`` with ``v`` the squared-gradient EMA at rate ``betas[1]``;
+    ``unsupported="identity"`` uses ``F̃ = 1`` (the official code). Unlike the official code,
+    parameters are matched to layers by identity, so frozen or unsupported modules never
+    shift ``F̃`` onto the wrong parameters or leave later ones untrained (adafisher.md §11.2).
+
+    Non-finite statistics skip the refresh (factors kept), count in the layer's
+    ``numerical_failures`` and warn :class:`NumericalWarning`.
+
+    State: per tracked layer in ``self.state[weight]``: ``activation_diagonal`` ``H`` (``d_in'``, 2
+    for norm layers), ``gradient_diagonal`` ``S`` (``d_out``), ``fisher_activation`` /
+    ``fisher_gradient`` (the vectors whose outer product is ``F̃ − λ``: ``N(H), N(S)`` in paper
+    mode, copies of ``H, S`` in reference mode; rebuilt at each refresh, so a changed
+    ``minmax_eps`` takes effect at the next refresh), ``numerical_failures``; per parameter:
+    ``step``, ``exp_avg`` (and ``exp_avg_sq`` for Adam-fallback parameters). Float32 for
+    half-precision parameters.
+
+    Args:
+        params: parameters or param groups (or the model itself, shorthand).
+        model: the module whose layers are hooked (required).
+        lr: ``η``.
+        betas: ``(β, β₂)``: momentum, and the Adam fallback's second-moment rate.
+        damping: ``λ > 0`` (``Lambda`` of the official code).
+        gamma: ``γ ∈ [0, 1)`` of the factor average.
+        weight_decay: ``κ ≥ 0``.
+        update_freq: refresh interval ``T_cov ≥ 1``.
+        ema: ``"paper"`` or ``"reference"`` (above).
+        minmax_eps: ``ε`` of the min-max normalisation.
+        unsupported: ``"adam"`` or ``"identity"`` (above).
+        eps: the Adam fallback's ε.
+        loss_reduction: ``"mean"`` or ``"sum"`` (capture docs).
+        distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
+            cost-balanced share of the layers, see :mod:`secondorder.distributed.ownership`),
+            a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`.
+
+    Example::
+
+        optimizer = secondorder.AdaFisher(model, lr=1e-3)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    """
+
+    capture_kinds = ("linear", "conv2d", "layernorm", "batchnorm")
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params: ParamsT | nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 1e-3,
+        gamma: float = 0.8,
+        weight_decay: float = 0.0,
+        *,
+        model: nn.Module | None = None,
+        update_freq: int = 100,
+        ema: str = "paper",
+        minmax_eps: float = 1e-6,
+        unsupported: str = "adam",
+        eps: float = 1e-8,
+        loss_reduction: str = "mean",
+        distributor: Distributor | bool | None = None,
+    ) -> None:
+        params, model = split_model_argument(params, model)
+        check_real("lr", lr, low=0.0)
+        check_betas("betas", betas)
+        check_real("damping", damping, low=0.0, low_inclusive=False)
+        check_real("gamma", gamma, low=0.0, high=1.0, high_inclusive=False)
+        check_real("weight_decay", weight_decay, low=0.0)
+        check_int("update_freq", update_freq, low=1)
+        check_choice("ema", ema, EMA_MODES)
+        check_real("minmax_eps", minmax_eps, low=0.0, low_inclusive=False)
+        check_choice("unsupported", unsupported, UNSUPPORTED_MODES)
+        check_real("eps", eps, low=0.0, low_inclusive=False)
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            damping=damping,
+            gamma=gamma,
+            weight_decay=weight_decay,
+            update_freq=update_freq,
+            ema=ema,
+            minmax_eps=minmax_eps,
+            unsupported=unsupported,
+            eps=eps,
+        )
+        super().__init__(params, defaults)
+        self._init_capture(model, loss_reduction, distributor)
+
+    def _stats_due(self, group: dict[str, Any], step: int) -> bool:
+        return (step - 1) % group["update_freq"] == 0
+
+    # ------------------------------------------------------------------ diagnostics
+    def fisher(self, param: Tensor) -> Tensor | None:
+        """The current ``F̃`` for ``param`` (its shape), or ``None`` outside tracked layers."""
+        layer = self.capture.layer_for(param)
+        if layer is None or "activation_diagonal" not in self.state.get(layer.weight, {}):
+            return None
+        fisher_weight, fisher_bias = self._layer_fisher(
+            layer, self._groups_by_param()[id(layer.weight)]
+        )
+        return fisher_weight if param is layer.weight else fisher_bias
+
+    def factor_stats(self) -> dict[str, dict[str, float]]:
+        """Per tracked layer name: min / max of ``F̃`` and of ``F̃/λ`` (adafisher.md §8)."""
+        report = {}
+        groups = self._groups_by_param()
+        for layer in self.capture.layers:
+            if "activation_diagonal" not in self.state.get(layer.weight, {}):
+                continue
+            group = groups[id(layer.weight)]
+            fisher_weight, _ = self._layer_fisher(layer, group)
+            low, high = float(fisher_weight.min()), float(fisher_weight.max())
+            report[layer.name] = {
+                "min": low,
+                "max": high,
+                "min_over_damping": low / group["damping"],
+                "max_over_damping": high / group["damping"],
+            }
+        return report
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step (class docstring); returns the closure's loss."""
+        loss = self._evaluate_closure(closure)
+        self._ownership.begin()  # hide other ranks' layers
+        stats = self._pop_statistics()
+        groups = self._groups_by_param()
+        fishers: dict[int, Tensor] = {}
+        for layer in self.capture.layers:
+            if not any(p is not None and p.grad is not None for p in (layer.weight, layer.bias)):
+                continue
+            group = groups[id(layer.weight)]
+            state = self.state[layer.weight]
+            self._init_layer_state(layer, state, group)
+            step = int(state["step"]) + 1 if "step" in state else 1
+            if layer in stats and self._stats_due(group, step):
+                self._refresh(layer, state, stats[layer], group)
+            fisher_weight, fisher_bias = self._layer_fisher(layer, group)
+            fishers[id(layer.weight)] = fisher_weight
+            if fisher_bias is not None:
+                fishers[id(layer.bias)] = fisher_bias
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group, fishers.get(id(param)))
+        self._ownership.finish()  # share owners' new parameters
+        self._refresh_recording()
+        return loss
+
+    def _init_layer_state(self, layer: CapturedLayer, state: dict, group: dict) -> None:
+        if "activation_diagonal" in state:
+            return
+        dtype = statistics_dtype(layer.weight.dtype)
+        device = layer.weight.device
+        state["activation_diagonal"] = torch.ones(layer.in_features, dtype=dtype, device=device)
+        state["gradient_diagonal"] = torch.ones(
+            layer.out_features * layer.groups, dtype=dtype, device=device
+        )
+        state["numerical_failures"] = torch.zeros((), dtype=torch.int64, device=device)
+        self._assemble(state, group)
+
+    @staticmethod
+    def _assemble(state: dict, group: dict) -> None:
+        """Store the vectors whose outer product is ``F̃ − λ`` (normalised in paper mode).
+
+        Done once per refresh, so steps in between cost one outer product per layer.
+        """
+        h, s = state["activation_diagonal"], state["gradient_diagonal"]
+        if group["ema"] == "paper":
+            h = minmax_normalize(h, group["minmax_eps"])
+            s = minmax_normalize(s, group["minmax_eps"])
+        state["fisher_activation"], state["fisher_gradient"] = h.clone(), s.clone()
+
+    def _refresh(self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict) -> None:
+        h_hat, s_hat = diagonal_statistics(layer, stats, state["activation_diagonal"].dtype)
+        if not (torch.isfinite(h_hat).all() and torch.isfinite(s_hat).all()):
+            state["numerical_failures"].add_(1)
+            warnings.warn(
+                "AdaFisher: non-finite layer statistics (factors kept)",
+                NumericalWarning,
+                stacklevel=3,
+            )
+            return
+        gamma = group["gamma"]
+        if group["ema"] == "paper":
+            state["activation_diagonal"].mul_(gamma).add_(h_hat, alpha=1 - gamma)
+            state["gradient_diagonal"].mul_(gamma).add_(s_hat, alpha=1 - gamma)
+            self._assemble(state, group)
+            return
+        if self._loss_reduction == "mean":
+            s_hat = (
+                s_hat / max(stats.num_examples, 1) ** 2
+            )  # the official code sees mean-loss grads
+        eps = group["minmax_eps"]
+        state["activation_diagonal"].mul_(gamma / 10).add_(
+            minmax_normalize(h_hat, eps), alpha=gamma / 100
+        )
+        state["gradient_diagonal"].mul_(gamma / 10).add_(
+            minmax_normalize(s_hat, eps), alpha=gamma / 100
+        )
+        self._assemble(state, group)
+
+    def _layer_fisher(self, layer: CapturedLayer, group: dict) -> tuple[Tensor, Tensor | None]:
+        """``F̃`` of the layer's weight and bias from its current diagonals (class docstring)."""
+        state = self.state[layer.weight]
+        return fisher_diagonal(
+            layer, state["fisher_activation"], state["fisher_gradient"], group["damping"]
+        )
+
+    def _update(self, param: Tensor, group: dict, fisher: Tensor | None) -> None:
+        state = self.state[param]
+        fallback = fisher is None and group["unsupported"] == "adam"
+        self._init_param_state(state, param, second_moment=fallback)
+        state["step"].add_(1)
+        step = int(state["step"])
+        beta1, beta2 = group["betas"]
+        grad = param.grad.to(state["exp_avg"].dtype)
+        weight_decay = group["weight_decay"]
+        if not self.decoupled_weight_decay and weight_decay != 0:
+            grad = grad.add(param.to(grad.dtype), alpha=weight_decay)
+        if fallback:
+            update = self._adam_direction(state, grad, group, step)
+        else:
+            state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            update = state["exp_avg"] / bias_correction(beta1, step)
+            if fisher is not None:
+                update = update / fisher
+        self._apply(param, update, group, self.decoupled_weight_decay)
+
+
+class AdaFisherW(AdaFisher):
+    """AdaFisher with decoupled weight decay (``θ ← θ − η(m̂ ⊘ F̃ + κθ)``; default ``κ = 0.01``).
+
+    Same arguments as :class:`AdaFisher`; only the weight-decay form and its default differ.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: ParamsT | nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 1e-3,
+        gamma: float = 0.8,
+        weight_decay: float = 1e-2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, lr, betas, damping, gamma, weight_decay, **kwargs)

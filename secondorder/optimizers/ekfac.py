@@ -1,0 +1,406 @@
+"""EK-FAC: eigenvalue-corrected Kronecker-factored natural gradient (George et al. 2018).
+
+"Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis" (George,
+Laurent, Bouthillier, Ballas, Vincent; NeurIPS 2018). The maths lives in
+:mod:`secondorder.precond.kfac`; the statistics come from
+:class:`~secondorder.precond.capture.LayerCapture` (empirical Fisher: the training labels'
+gradients, free from the user's own backward pass; reference/ekfac.md §2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secondorder.distributed.distributor import Distributor
+from secondorder.optimizers.base import ParamsT, split_model_argument
+from secondorder.optimizers.capturing import CapturingOptimizer
+from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
+from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.precond.kfac import (
+    KroneckerEigenbasis,
+    eigenvalue_correction,
+    kronecker_factors,
+    statistics_dtype,
+)
+from secondorder.precond.linalg import NumericalWarning, batched_eigh
+
+_BASIS_KEYS = (
+    "gradient_basis",
+    "gradient_eigenvalues",
+    "activation_basis",
+    "activation_eigenvalues",
+)
+
+
+class EKFAC(CapturingOptimizer):
+    r"""EK-FAC as a drop-in ``torch.optim`` optimizer.
+
+    Per tracked layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` whose weight is among the
+    params; bias as the last column of the gradient matrix ``Ḡ``, see
+    :mod:`secondorder.precond.capture_layers`), with ``t`` the weight's step count from 1:
+
+    1. Statistics steps (``(t−1) % stats_every == 0``): ``A ← ρA + (1−ρ)A_batch``,
+       ``G ← ρG + (1−ρ)G_batch`` (the first fold copies). Factors are means over positions of
+       the *per-example* quantities (the capture undoes a mean reduction).
+    2. Eigenbasis steps (``(t−1) % precondition_frequency == 0``, or the first step with
+       factors): ``A = Q_A diag(λ_A) Q_Aᵀ``, ``G = Q_G diag(λ_G) Q_Gᵀ`` with one batched
+       ``eigh`` per shape over all due layers; the correction restarts from K-FAC's
+       ``λ_G λ_Aᵀ`` (values in the old basis are meaningless in the new one).
+    3. Correction steps (``(t−1) % correction_every == 0``): ``Λ ← ρΛ + (1−ρ)Λ_batch`` with
+       ``Λ_batch = mean_n (Q_Gᵀ G_n Q_A)^{⊙2}`` rebuilt from the captured ``a, g``. Since ``Λ``
+       restarts from K-FAC's eigenvalues at every basis refresh, it moves toward the measured
+       correction over about ``correction_every/(1−ρ)`` steps: keep that below
+       ``precondition_frequency`` or the method stays close to K-FAC (the defaults: 40 < 100).
+    4. Direction ``P = Q_G [(Q_Gᵀ Ḡ Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` (``λ = damping``), with
+       ``Ḡ ← Ḡ + wd·W`` first for ``weight_decay_type="l2"``.
+    5. Optional KL clipping (alecwangcq/gpauloski form): ``ν = min(1, √(κ / Σ lr²⟨P, Ḡ⟩))``
+       over all tracked layers, ``P ← νP``.
+    6. Momentum ``m ← β₁m + (1−β₁)P``, ``W ← W − lr·m/(1−β₁^t)`` (decoupled decay first:
+       ``W ← W(1 − lr·wd)``).
+
+    Parameters outside tracked layers (norm gains, custom ``nn.Parameter``s, attention
+    in-projections, frozen-weight layers' biases) and tracked layers that have not yet seen
+    statistics use the Adam fallback ``m̂/(√v̂ + ε)`` with the same ``betas``.
+    A failed ``eigh`` or non-finite statistics keep the last good basis / factors, add to the
+    layer's ``numerical_failures`` counter and warn :class:`NumericalWarning`.
+
+    State per tracked layer, in ``self.state[weight]`` (float32 for half-precision params):
+    ``activation_factor`` ``(groups, d_in', d_in')`` (embedding: the diagonal ``(1, V)``),
+    ``gradient_factor`` ``(groups, d_out, d_out)``, the eigenbasis entries of
+    :class:`~secondorder.precond.kfac.KroneckerEigenbasis` and ``correction``
+    ``(groups, d_out, d_in')``; :meth:`eigenbasis` returns them as a saveable object (what
+    influence queries reuse).
+
+    Args:
+        params: parameters or param groups (or the model itself, shorthand).
+        model: the module whose layers are hooked (required).
+        lr: learning rate.
+        betas: ``(β₁, β₂)``: momentum of the direction, and the fallback's second-moment rate.
+        damping: ``λ > 0`` added to the corrected eigenvalues (schedulable).
+        weight_decay: ``wd ≥ 0``; ``weight_decay_type``: ``"decoupled"`` or ``"l2"``.
+        stat_decay: ``ρ ∈ [0, 1)``, EMA rate of factors and correction.
+        eps: the fallback's denominator ε.
+        kl_clip: ``κ > 0`` or ``None`` (off).
+        stats_every, correction_every, precondition_frequency: schedules (steps ≥ 1; defaults
+            10, 2, 100).
+        loss_reduction: how the loss reduces examples, ``"mean"`` or ``"sum"`` (capture docs).
+        distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
+            cost-balanced share of the layers, see :mod:`secondorder.distributed.ownership`),
+            a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`.
+
+    Example::
+
+        optimizer = secondorder.EKFAC(model, lr=1e-3)   # == EKFAC(model.parameters(), model=model)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    """
+
+    capture_kinds = ("linear", "conv2d", "embedding")
+
+    def __init__(
+        self,
+        params: ParamsT | nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        model: nn.Module | None = None,
+        weight_decay_type: str = "decoupled",
+        stat_decay: float = 0.95,
+        eps: float = 1e-8,
+        kl_clip: float | None = None,
+        stats_every: int = 10,
+        correction_every: int = 2,
+        precondition_frequency: int = 100,
+        loss_reduction: str = "mean",
+        distributor: Distributor | bool | None = None,
+    ) -> None:
+        params, model = split_model_argument(params, model)
+        check_real("lr", lr, low=0.0)
+        check_betas("betas", betas)
+        check_real("damping", damping, low=0.0, low_inclusive=False)
+        check_real("weight_decay", weight_decay, low=0.0)
+        check_choice("weight_decay_type", weight_decay_type, ("decoupled", "l2"))
+        check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_inclusive=False)
+        check_real("eps", eps, low=0.0, low_inclusive=False)
+        if kl_clip is not None:
+            check_real("kl_clip", kl_clip, low=0.0, low_inclusive=False)
+        check_int("stats_every", stats_every, low=1)
+        check_int("correction_every", correction_every, low=1)
+        check_int("precondition_frequency", precondition_frequency, low=1)
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            damping=damping,
+            weight_decay=weight_decay,
+            weight_decay_type=weight_decay_type,
+            stat_decay=stat_decay,
+            eps=eps,
+            kl_clip=kl_clip,
+            stats_every=stats_every,
+            correction_every=correction_every,
+            precondition_frequency=precondition_frequency,
+        )
+        super().__init__(params, defaults)
+        self._init_capture(model, loss_reduction, distributor)
+        if kl_clip is not None and self.distributor.world_size > 1:
+            raise ValueError("Invalid kl_clip: KL clipping couples all layers and is not "
+                             "supported with a multi-rank distributor")
+
+    # ------------------------------------------------------------------ schedules
+    def _stats_due(self, group: dict[str, Any], step: int) -> bool:
+        return (step - 1) % group["stats_every"] == 0 or (step - 1) % group["correction_every"] == 0
+
+    # ------------------------------------------------------------------ public helpers
+    def eigenbasis(self, weight: Tensor) -> KroneckerEigenbasis | None:
+        """The layer's current eigenbasis and correction (``None`` before the first one).
+
+        ``weight`` is the tracked layer's weight parameter. The returned tensors are the
+        optimizer's own (not copies).
+        """
+        state = self.state.get(weight, {})
+        if "gradient_basis" not in state:
+            return None
+        return KroneckerEigenbasis(
+            gradient_basis=state["gradient_basis"],
+            gradient_eigenvalues=state["gradient_eigenvalues"],
+            activation_basis=state.get("activation_basis"),
+            activation_eigenvalues=state["activation_eigenvalues"],
+            correction=state.get("correction"),
+        )
+
+    def eigenbasis_state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer name: KroneckerEigenbasis.state_dict()}`` (cloned) for layers that have one.
+
+        Save it with ``torch.save`` / safetensors and rebuild each entry with
+        :meth:`KroneckerEigenbasis.from_state_dict` (e.g. for influence queries).
+        """
+        result = {}
+        for layer in self.capture.layers:
+            basis = self.eigenbasis(layer.weight)
+            if basis is not None:
+                result[layer.name] = {k: v.clone() for k, v in basis.state_dict().items()}
+        return result
+
+    def precondition(self, weight: Tensor, matrix: Tensor) -> Tensor:
+        """Apply the layer's ``(F̂ + λI)⁻¹`` to a gradient matrix ``(groups, d_out, d_in')``."""
+        basis = self.eigenbasis(weight)
+        if basis is None:
+            raise ValueError("Invalid weight: its layer has no eigenbasis yet")
+        group = self._groups_by_param()[id(weight)]
+        return basis.precondition(matrix.to(basis.gradient_basis.dtype), group["damping"])
+
+    def to_dense(self, weight: Tensor) -> Tensor:
+        """The layer's preconditioner as a dense ``(P, P)`` matrix (kfac.py ordering)."""
+        basis = self.eigenbasis(weight)
+        if basis is None:
+            raise ValueError("Invalid weight: its layer has no eigenbasis yet")
+        return basis.to_dense(self._groups_by_param()[id(weight)]["damping"])
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step (class docstring); returns the closure's loss."""
+        loss = self._evaluate_closure(closure)
+        self._ownership.begin()  # hide other ranks' layers
+        stats = self._pop_statistics()
+        groups = self._groups_by_param()
+        jobs = []  # (layer, group, step of the layer's weight)
+        for layer in self.capture.layers:
+            members = [
+                p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None
+            ]
+            if not members:
+                continue
+            group = groups[id(layer.weight)]
+            state = self.state[layer.weight]
+            for param in members:
+                self._init_param_state(self.state[param], param, second_moment=False)
+            step = int(state["step"]) + 1 if "step" in state else 1
+            if "numerical_failures" not in state:
+                state["numerical_failures"] = torch.zeros(
+                    (), dtype=torch.int64, device=layer.weight.device
+                )
+            if layer in stats:
+                self._fold_factors(layer, state, stats[layer], group, step)
+            jobs.append((layer, group, step))
+        self._refresh_bases(jobs)
+        # (param, its group, direction, whether it still needs momentum)
+        directions: list[tuple[Tensor, dict[str, Any], Tensor, bool]] = []
+        kl_terms = []
+        for layer, group, step in jobs:
+            state = self.state[layer.weight]
+            if (
+                "correction" in state
+                and layer in stats
+                and (step - 1) % group["correction_every"] == 0
+            ):
+                self._fold_correction(layer, state, stats[layer], group)
+            dtype = statistics_dtype(layer.weight.dtype)
+            grad_w = layer.weight.grad if layer.weight.grad is not None else None
+            grad_b = (
+                layer.bias.grad if layer.bias is not None and layer.bias.grad is not None else None
+            )
+            if "correction" not in state:  # no statistics yet: Adam fallback for this layer
+                for param in (layer.weight, layer.bias):
+                    if param is not None and param.grad is not None:
+                        directions.append(
+                            (
+                                param,
+                                groups[id(param)],
+                                self._fallback(param, groups[id(param)]),
+                                False,
+                            )
+                        )
+                continue
+            matrix = self._gradient_matrix(layer, grad_w, grad_b, groups, dtype)
+            basis = self.eigenbasis(layer.weight)
+            preconditioned = basis.precondition(matrix, group["damping"])
+            weight_part, bias_part = layer.split_matrix(preconditioned)
+            if group["kl_clip"] is not None:
+                kl_terms.append((group, (preconditioned * matrix).sum() * group["lr"] ** 2))
+            if grad_w is not None:
+                directions.append((layer.weight, group, weight_part, True))
+            if grad_b is not None and bias_part is not None:
+                directions.append((layer.bias, groups[id(layer.bias)], bias_part, True))
+        scale = self._kl_scale(kl_terms)
+        for param, group, direction, is_layer in directions:
+            state = self.state[param]
+            if is_layer:
+                state["step"].add_(1)
+                update = self._momentum(
+                    state,
+                    direction * scale if scale != 1.0 else direction,
+                    group["betas"][0],
+                    int(state["step"]),
+                )
+            else:
+                update = direction
+            self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
+        for group in self.param_groups:
+            for param in self.capture.fallback_params(group["params"]):
+                if param.grad is not None:
+                    update = self._fallback(param, group)
+                    self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
+        self._ownership.finish()  # share owners' new parameters
+        self._refresh_recording()
+        return loss
+
+    # ------------------------------------------------------------------ pieces
+    def _fallback(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """Adam direction for ``param`` (advances its step counter)."""
+        state = self.state[param]
+        self._init_param_state(state, param, second_moment=True)
+        state["step"].add_(1)
+        grad = param.grad.to(state["exp_avg"].dtype)
+        if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
+            grad = grad.add(param.to(grad.dtype), alpha=group["weight_decay"])
+        return self._adam_direction(state, grad, group, int(state["step"]))
+
+    @staticmethod
+    def _gradient_matrix(layer: CapturedLayer, grad_w, grad_b, groups, dtype) -> Tensor:
+        """``Ḡ`` in ``dtype``; L2 decay folded in per parameter for ``weight_decay_type="l2"``."""
+        parts = []
+        for param, grad in ((layer.weight, grad_w), (layer.bias, grad_b)):
+            if param is None:
+                parts.append(None)
+                continue
+            grad = torch.zeros_like(param, dtype=dtype) if grad is None else grad.to(dtype)
+            group = groups[id(param)]
+            if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
+                grad = grad.add(param.to(dtype), alpha=group["weight_decay"])
+            parts.append(grad)
+        return layer.gradient_matrix(parts[0], parts[1] if layer.has_bias else None)
+
+    def _fold_factors(
+        self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict, step: int
+    ) -> None:
+        if (step - 1) % group["stats_every"] != 0:
+            return
+        dtype = statistics_dtype(layer.weight.dtype)
+        a_batch, g_batch = kronecker_factors(layer, stats, dtype)
+        if not (torch.isfinite(a_batch).all() and torch.isfinite(g_batch).all()):
+            self._numerical_failure(state, "non-finite layer statistics (factors kept)")
+            return
+        if "activation_factor" not in state:
+            state["activation_factor"], state["gradient_factor"] = a_batch, g_batch
+            state["factor_updates"] = torch.zeros((), dtype=torch.int64, device=a_batch.device)
+        else:
+            rho = group["stat_decay"]
+            state["activation_factor"].mul_(rho).add_(a_batch, alpha=1 - rho)
+            state["gradient_factor"].mul_(rho).add_(g_batch, alpha=1 - rho)
+        state["factor_updates"].add_(1)
+
+    def _refresh_bases(self, jobs: list) -> None:
+        """Step 2 for every due layer: one batched ``eigh`` per factor shape."""
+        due = []
+        for layer, group, step in jobs:
+            state = self.state[layer.weight]
+            if "activation_factor" not in state:
+                continue
+            if "gradient_basis" not in state or (step - 1) % group["precondition_frequency"] == 0:
+                due.append((layer, state))
+        if not due:
+            return
+        matrices = []
+        for _, state in due:
+            matrices.extend(state["gradient_factor"].unbind(0))
+            if state["activation_factor"].dim() == 3:
+                matrices.extend(state["activation_factor"].unbind(0))
+        results = batched_eigh(matrices)
+        position = 0
+        for layer, state in due:
+            groups = state["gradient_factor"].shape[0]
+            diagonal = state["activation_factor"].dim() == 2
+            count = groups if diagonal else 2 * groups
+            pieces, position = results[position : position + count], position + count
+            if any(piece is None for piece in pieces):
+                self._numerical_failure(
+                    state, f"eigendecomposition failed for layer {layer.name!r} (basis kept)"
+                )
+                continue
+            state["gradient_eigenvalues"] = torch.stack([p[0] for p in pieces[:groups]])
+            state["gradient_basis"] = torch.stack([p[1] for p in pieces[:groups]])
+            if diagonal:
+                state["activation_eigenvalues"] = state["activation_factor"].clone()
+            else:
+                state["activation_eigenvalues"] = torch.stack([p[0] for p in pieces[groups:]])
+                state["activation_basis"] = torch.stack([p[1] for p in pieces[groups:]])
+            state["correction"] = self.eigenbasis(layer.weight).kfac_eigenvalues()
+
+    def _fold_correction(
+        self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict
+    ) -> None:
+        basis = self.eigenbasis(layer.weight)
+        batch = eigenvalue_correction(layer, stats, basis.gradient_basis, basis.activation_basis)
+        if not torch.isfinite(batch).all():
+            self._numerical_failure(state, "non-finite eigenvalue correction (kept)")
+            return
+        rho = group["stat_decay"]
+        state["correction"].mul_(rho).add_(batch, alpha=1 - rho)
+
+    @staticmethod
+    def _kl_scale(terms: list) -> float:
+        """KL clipping factor ``ν`` (1 when off or when the quadratic form is not positive)."""
+        if not terms:
+            return 1.0
+        clip = terms[0][0]["kl_clip"]
+        total = float(torch.stack([t for _, t in terms]).sum())
+        if not math.isfinite(total) or total <= 0:
+            return 1.0
+        return min(1.0, math.sqrt(clip / total))
+
+    @staticmethod
+    def _numerical_failure(state: dict, message: str) -> None:
+        state["numerical_failures"].add_(1)
+        warnings.warn(f"EKFAC: {message}", NumericalWarning, stacklevel=3)
