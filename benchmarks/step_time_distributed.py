@@ -170,6 +170,7 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         with open(args.result, "w") as handle:
             json.dump({"device": device.type, "rows": rows}, handle)
+    dist.barrier()  # no rank leaves while a peer still works
     dist.destroy_process_group()
 
 

@@ -48,18 +48,12 @@ from secondorder.distributed.checkpoint import load_checkpoint, save_checkpoint
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--optimizer", default="Shampoo", help=f"registry name ({', '.join(REGISTRY)})"
-    )
+    parser.add_argument("--optimizer", default="Shampoo", help=f"registry name ({', '.join(REGISTRY)})")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
-    parser.add_argument(
-        "--full", action="store_true", help="the race's full-size model (default: quick size)"
-    )
+    parser.add_argument("--full", action="store_true", help="the race's full-size model (default: quick size)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--logdir", default=None, help="TensorBoard directory (default runs/<optimizer>)"
-    )
+    parser.add_argument("--logdir", default=None, help="TensorBoard directory (default runs/<optimizer>)")
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -87,16 +81,11 @@ def setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
-def make_optimizer(
-    name: str, model: torch.nn.Module, world_size: int, communication_dtype: torch.dtype
-):
+def make_optimizer(name: str, model: torch.nn.Module, world_size: int, communication_dtype: torch.dtype):
     """The registry's optimizer for W2, distributed when it takes ``distributor=``."""
     entry = REGISTRY[name]
     overrides = {}
-    accepts = (
-        entry.build is None
-        and "distributor" in inspect.signature(resolve_target(entry.target)).parameters
-    )
+    accepts = entry.build is None and "distributor" in inspect.signature(resolve_target(entry.target)).parameters
     if world_size > 1 and accepts:
         from secondorder.distributed import AllGatherDistributor
 
@@ -111,9 +100,7 @@ def newest_checkpoint(root: str) -> tuple[str, int] | None:
     steps = [
         int(name[5:])
         for name in os.listdir(root)
-        if name.startswith("step_")
-        and name[5:].isdigit()
-        and os.path.exists(os.path.join(root, name, ".metadata"))
+        if name.startswith("step_") and name[5:].isdigit() and os.path.exists(os.path.join(root, name, ".metadata"))
     ]
     return (os.path.join(root, f"step_{max(steps)}"), max(steps)) if steps else None
 
@@ -125,14 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     entry = REGISTRY[args.optimizer]
     task = WORKLOADS["W2"].setup(not args.full, args.steps)
     if args.batch > task.meta["batch"]:
-        raise ValueError(
-            f"Invalid --batch: at most {task.meta['batch']} sequences per rank for this model size"
-        )
+        raise ValueError(f"Invalid --batch: at most {task.meta['batch']} sequences per rank for this model size")
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
-    optimizer = make_optimizer(
-        args.optimizer, model, world_size, getattr(torch, args.communication_dtype)
-    )
+    optimizer = make_optimizer(args.optimizer, model, world_size, getattr(torch, args.communication_dtype))
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
@@ -149,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(
-            args.logdir or os.path.join("runs", f"{args.optimizer}-ws{world_size}")
-        )
+        writer = SummaryWriter(args.logdir or os.path.join("runs", f"{args.optimizer}-ws{world_size}"))
     for step in range(start, args.steps):
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * world_size + rank)
         inputs, targets = task.train_batch(generator)
@@ -178,13 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in metrics.items():
                 writer.add_scalar(f"eval/{key}", value, step + 1)
             print(
-                f"step {step + 1}: loss {float(loss):.4f} "
-                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                f"step {step + 1}: loss {float(loss):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                 flush=True,
             )
-        if args.checkpoint_dir and (
-            (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps
-        ):
+        if args.checkpoint_dir and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps):
             save_checkpoint(
                 os.path.join(args.checkpoint_dir, f"step_{step + 1}"),
                 wrapped,
@@ -194,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if writer is not None:
         writer.close()
     if world_size > 1:
+        dist.barrier()  # no rank leaves (and closes its connections) while a peer still works
         dist.destroy_process_group()
     return 0
 

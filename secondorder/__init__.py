@@ -12,14 +12,22 @@ Public optimizers (each a ``torch.optim.Optimizer``)::
 
 __version__ = "0.1.0"
 
-from secondorder.optimizers.sania import SANIA  # noqa: E402
+from secondorder.optimizers.adafisher import AdaFisher, AdaFisherW
+from secondorder.optimizers.ekfac import EKFAC
+from secondorder.optimizers.gauss_newton import ExactGaussNewton
+from secondorder.optimizers.sania import SANIA
+from secondorder.optimizers.shampoo import Shampoo
+from secondorder.optimizers.singd import SINGD
+from secondorder.precond.linalg import NumericalWarning
 
-from secondorder.optimizers.shampoo import Shampoo  # noqa: E402
-
-from secondorder.optimizers.singd import SINGD  # noqa: E402
-
-from secondorder.optimizers.ekfac import EKFAC  # noqa: E402
-
-from secondorder.optimizers.adafisher import AdaFisher, AdaFisherW  # noqa: E402
-
-from secondorder.optimizers.gauss_newton import ExactGaussNewton  # noqa: E402
+__all__ = [
+    "AdaFisher",
+    "AdaFisherW",
+    "EKFAC",
+    "ExactGaussNewton",
+    "NumericalWarning",
+    "SANIA",
+    "SINGD",
+    "Shampoo",
+    "__version__",
+]

@@ -13,6 +13,7 @@ Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distribu
     optimizer = secondorder.Shampoo(model.parameters(), lr=1e-3, distributor=True)
 """
 
+from secondorder.distributed.checkpoint import load_checkpoint, save_checkpoint
 from secondorder.distributed.distributor import (
     AllGatherDistributor,
     Distributor,
@@ -20,4 +21,11 @@ from secondorder.distributed.distributor import (
     resolve_distributor,
 )
 
-__all__ = ["AllGatherDistributor", "Distributor", "assign_owners", "resolve_distributor"]
+__all__ = [
+    "AllGatherDistributor",
+    "Distributor",
+    "assign_owners",
+    "load_checkpoint",
+    "resolve_distributor",
+    "save_checkpoint",
+]

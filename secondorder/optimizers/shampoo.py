@@ -23,9 +23,9 @@ from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.diagonal import (
     DIAGONAL_KINDS,
-    diagonal_direction,
+    diagonal_directions,
     needs_second_moment,
-    update_second_moment,
+    update_second_moments,
 )
 from secondorder.precond.kronecker import KroneckerFactors, compute_inverses
 from secondorder.precond.linalg import NumericalWarning, bias_correction
@@ -289,69 +289,96 @@ class Shampoo(SecondOrderOptimizer):
         return "adam" if group["grafting"] == "none" else group["grafting"]
 
     def _group_directions(self, group: dict[str, Any], jobs: list) -> list[tuple[int, Tensor]]:
-        """Steps 1–7 of the class docstring for the blocks this rank owns in one group."""
-        beta1, beta2 = group["betas"]
+        """Steps 1–7 of the class docstring for the blocks this rank owns in one group.
+
+        Elementwise work (graft second moments, the β₁ EMA, graft directions, momentum) runs
+        as ``torch._foreach_*`` kernels over all blocks at once; only the Kronecker work
+        (factor products, roots, preconditioning) loops over blocks.
+        """
+        beta1 = group["betas"][0]
         kind = self._diagonal_kind(group)
         graft_beta2 = group["betas"][1] if group["grafting"] == "none" else group["graft_beta2"]
         start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
-        prepared = []
+        blocks = self._prepare_blocks(group, jobs)
+        if not blocks:
+            return []
+        global_blocks, strategies, states, steps, grads = (list(column) for column in zip(*blocks))
+        for strategy, state, step, grad in zip(strategies, states, steps, grads):
+            if strategy is not None:
+                strategy.update_stats(state, grad, step)
+        if needs_second_moment(kind):
+            update_second_moments(kind, [state["graft_sq"] for state in states], grads, graft_beta2)
+        # Amortised roots, batched across the blocks whose schedule fires at this step.
+        due: dict[int, list] = {}
+        for strategy, state, step in zip(strategies, states, steps):
+            if strategy is not None and (step == start or (step > start and step % frequency == 0)):
+                due.setdefault(step, []).append((strategy, state))
+        for step, items in due.items():
+            compute_inverses(items, step)
+        for strategy, state, grad in zip(strategies, states, grads):
+            if strategy is not None and strategy.eigenvalue_corrected:
+                strategy.update_correction(state, grad)
+        filtered = grads
+        if beta1 > 0:
+            averages = [state["exp_avg"] for state in states]
+            torch._foreach_lerp_(averages, grads, 1 - beta1)
+            corrections = [bias_correction(beta1, step) if group["use_bias_correction"] else 1.0 for step in steps]
+            filtered = torch._foreach_div(averages, corrections)
+        needs_graft = [strategy is None or group["grafting"] != "none" or step < start
+                       for strategy, step in zip(strategies, steps)]
+        graft_indices = [i for i, needed in enumerate(needs_graft) if needed]
+        grafts = diagonal_directions(
+            kind, [states[i]["graft_sq"] for i in graft_indices] if needs_second_moment(kind) else None,
+            [filtered[i] for i in graft_indices], steps=[steps[i] for i in graft_indices], beta2=graft_beta2,
+            epsilon=group["graft_epsilon"])
+        graft_of = dict(zip(graft_indices, grafts))
+        directions = [self._direction(group, strategies[i], states[i], steps[i], filtered[i], graft_of.get(i), start)
+                      for i in range(len(blocks))]
+        if group["momentum"] > 0:
+            buffers = [state["momentum_buffer"] for state in states]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, directions, alpha=1 - group["dampening"])
+            if group["nesterov"]:
+                torch._foreach_mul_(directions, 1 - group["dampening"])
+                torch._foreach_add_(directions, buffers, alpha=group["momentum"])
+            else:
+                directions = [buffer.clone() for buffer in buffers]
+        return list(zip(global_blocks, directions))
+
+    def _prepare_blocks(self, group: dict[str, Any], jobs: list) -> list[tuple]:
+        """State, work-dtype gradient (+ L2 decay) of each job; non-finite blocks skipped.
+
+        Returns ``(global_block, strategy, state, step, grad)`` per block that takes part.
+        """
+        if not jobs:
+            return []
         # One fused max-|g| per block and one host sync per group (NaN and inf propagate).
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([job[4] for job in jobs], ord=math.inf))).tolist() if jobs else []
+        finite = torch.isfinite(torch.stack(torch._foreach_norm([job[4] for job in jobs], ord=math.inf))).tolist()
+        prepared = []
         for (global_block, param, local_index, step, grad, weight), is_finite in zip(jobs, finite):
             strategy = self._strategy(tuple(grad.shape), param, group)
             state = self._block_state(param, local_index, weight, group, strategy)
             if not is_finite:
                 state["skipped"].add_(1)
                 warnings.warn("Shampoo skipped a block whose gradient is not finite (state kept)",
-                              NumericalWarning, stacklevel=3)
+                              NumericalWarning, stacklevel=4)
                 continue
-            work_dtype = state["exp_avg"].dtype if "exp_avg" in state else (
-                torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype)
+            work_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
             grad = grad.to(work_dtype)
             if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
                 grad = grad.add(weight.to(work_dtype), alpha=group["weight_decay"])
-            if strategy is not None:
-                strategy.update_stats(state, grad, step)
-            if "graft_sq" in state:
-                update_second_moment(kind, state["graft_sq"], grad, graft_beta2)
             prepared.append((global_block, strategy, state, step, grad))
-        # Amortised roots, batched across the blocks whose schedule fires at this step.
-        due: dict[int, list] = {}
-        for _, strategy, state, step, _ in prepared:
-            if strategy is not None and (step == start or (step > start and step % frequency == 0)):
-                due.setdefault(step, []).append((strategy, state))
-        for step, items in due.items():
-            compute_inverses(items, step)
-        directions = []
-        for global_block, strategy, state, step, grad in prepared:
-            if strategy is not None and strategy.eigenvalue_corrected:
-                strategy.update_correction(state, grad)
-            if beta1 > 0:
-                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                filtered = state["exp_avg"] / (bias_correction(beta1, step) if group["use_bias_correction"] else 1.0)
-            else:
-                filtered = grad
-            direction = self._direction(group, strategy, state, step, filtered, kind, graft_beta2, start)
-            if group["momentum"] > 0:
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(direction, alpha=1 - group["dampening"])
-                if group["nesterov"]:
-                    direction = direction.mul_(1 - group["dampening"]).add_(buffer, alpha=group["momentum"])
-                else:
-                    direction = buffer.clone()
-            directions.append((global_block, direction))
-        return directions
+        return prepared
 
-    def _direction(self, group, strategy, state, step, filtered, kind, graft_beta2, start) -> Tensor:
+    @staticmethod
+    def _direction(group, strategy, state, step, filtered, graft, start) -> Tensor:
         """Step 6: graft alone before ``start``, else the (grafted) Shampoo direction."""
-        graft_needed = strategy is None or group["grafting"] != "none" or step < start
-        graft = diagonal_direction(kind, state.get("graft_sq"), filtered, step=step, beta2=graft_beta2,
-                                   epsilon=group["graft_epsilon"]) if graft_needed else None
         if strategy is None:
             return graft
         if step < start:
-            return graft if group["grafting"] != "none" else (
-                strategy.precondition(state, filtered, step) if strategy.eigenvalue_corrected else filtered.clone())
+            if group["grafting"] != "none":
+                return graft
+            return strategy.precondition(state, filtered, step) if strategy.eigenvalue_corrected else filtered.clone()
         shampoo = strategy.precondition(state, filtered, step)
         if group["grafting"] == "none":
             return shampoo

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 DIAGONAL_KINDS = ("sgd", "adagrad", "rmsprop", "adam")
@@ -69,3 +70,33 @@ def diagonal_direction(
     if kind == "adam":
         denominator.div_(math.sqrt(1 - beta2**step))
     return grad / denominator.add_(epsilon)
+
+
+def update_second_moments(kind: str, second_moments: list[Tensor], grads: list[Tensor], beta2: float) -> None:
+    """:func:`update_second_moment` for many blocks at once (``torch._foreach_*`` kernels).
+
+    Same arithmetic as the single-tensor form, so results are bit-identical to it.
+    """
+    if not second_moments or kind == "sgd":
+        return
+    if kind == "adagrad":
+        torch._foreach_addcmul_(second_moments, grads, grads)
+    else:
+        torch._foreach_mul_(second_moments, beta2)
+        torch._foreach_addcmul_(second_moments, grads, grads, value=1 - beta2)
+
+
+def diagonal_directions(
+    kind: str, second_moments: list[Tensor] | None, grads: list[Tensor], *, steps: list[int], beta2: float,
+    epsilon: float,
+) -> list[Tensor]:
+    """:func:`diagonal_direction` for many blocks at once; ``steps`` holds each block's ``t``."""
+    if not grads:
+        return []
+    if kind == "sgd":
+        return [grad.clone() for grad in grads]
+    denominators = torch._foreach_sqrt(second_moments)
+    if kind == "adam":
+        torch._foreach_div_(denominators, [math.sqrt(1 - beta2**step) for step in steps])
+    torch._foreach_add_(denominators, epsilon)
+    return torch._foreach_div(grads, denominators)

@@ -105,7 +105,8 @@ def _make_shampoo(**fixed: Any) -> Callable[..., torch.optim.Optimizer]:
 
 register(OptimizerSpec(name="Shampoo", make=_make_shampoo(), bad_arguments=_SHAMPOO_BAD_ARGUMENTS))
 register(OptimizerSpec(name="Shampoo-SOAP", make=_make_shampoo(eigenvalue_correction=True),
-                       bad_arguments=(({"epsilon": -1.0}, "epsilon"), ({"relative_epsilon": -1.0}, "relative_epsilon"))))
+                       bad_arguments=(({"epsilon": -1.0}, "epsilon"),
+                                      ({"relative_epsilon": -1.0}, "relative_epsilon"))))
 register(OptimizerSpec(name="Shampoo-momentum-fp64", make=_make_shampoo(
     momentum=0.5, nesterov=True, factor_dtype=torch.float64, precondition_1d=True, max_preconditioner_dim=4)))
 

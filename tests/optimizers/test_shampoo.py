@@ -182,7 +182,8 @@ def test_classic_configuration_matches_dense_oracle(dtype, frequency, tolerance)
         for m, opt in ((model, optimizer), (oracle_model, oracle)):
             for p in m.parameters():
                 p.grad = None
-            nn.functional.mse_loss(m(x[rows].to(next(m.parameters()).dtype)), y[rows].to(next(m.parameters()).dtype)).backward()
+            dtype_m = next(m.parameters()).dtype
+            nn.functional.mse_loss(m(x[rows].to(dtype_m)), y[rows].to(dtype_m)).backward()
             opt.step()
         ours = torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model.parameters(), before)])
         theirs = torch.cat([(p.detach() - b).flatten() for p, b in zip(oracle_model.parameters(), before)])
@@ -240,7 +241,8 @@ def test_eigenvalue_corrected_direction_is_adam_in_eigenbasis():
         expected = q_left @ (rotated / ((corrected / c2).sqrt() + 1e-8)) @ q_right.T
         # Eigenvectors are defined up to sign; the direction is not.
         torch.testing.assert_close(before - weight.detach(), expected, atol=1e-9, rtol=1e-9)
-    dense = optimizer._strategy((4, 3), weight, optimizer.param_groups[0]).to_dense(optimizer.state[weight]["block_0"], 4)
+    strategy = optimizer._strategy((4, 3), weight, optimizer.param_groups[0])
+    dense = strategy.to_dense(optimizer.state[weight]["block_0"], 4)
     torch.testing.assert_close(dense, dense.T)
 
 
