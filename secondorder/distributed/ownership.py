@@ -30,7 +30,8 @@ cannot be distributed this way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -169,11 +170,29 @@ class LayerOwnership:
                     self._hidden.append((param, param.grad))
                     param.grad = None
 
-    def finish(self) -> None:
-        """Restore hidden gradients; all-gather owned blocks' new values onto every rank."""
+    @contextlib.contextmanager
+    def owned_step(self) -> Iterator[None]:
+        """``begin()`` … ``finish()`` around an optimizer step's body.
+
+        If the body raises, the hidden gradients are still given back (no all-gather then),
+        so a failed step never leaves the user's ``.grad`` missing.
+        """
+        self.begin()
+        try:
+            yield
+        except BaseException:
+            self._restore_gradients()
+            raise
+        self.finish()
+
+    def _restore_gradients(self) -> None:
         for param, grad in self._hidden:
             param.grad = grad
         self._hidden = []
+
+    def finish(self) -> None:
+        """Restore hidden gradients; all-gather owned blocks' new values onto every rank."""
+        self._restore_gradients()
         if self.distributor.world_size == 1:
             return
         blocks, owners = self.blocks()

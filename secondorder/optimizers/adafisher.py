@@ -194,28 +194,27 @@ class AdaFisher(CapturingOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step (class docstring); returns the closure's loss."""
         loss = self._evaluate_closure(closure)
-        self._ownership.begin()  # hide other ranks' layers
-        stats = self._pop_statistics()
-        groups = self._groups_by_param()
-        fishers: dict[int, Tensor] = {}
-        for layer in self.capture.layers:
-            if not any(p is not None and p.grad is not None for p in (layer.weight, layer.bias)):
-                continue
-            group = groups[id(layer.weight)]
-            state = self.state[layer.weight]
-            self._init_layer_state(layer, state, group)
-            step = int(state["step"]) + 1 if "step" in state else 1
-            if layer in stats and self._stats_due(group, step):
-                self._refresh(layer, state, stats[layer], group)
-            fisher_weight, fisher_bias = self._layer_fisher(layer, group)
-            fishers[id(layer.weight)] = fisher_weight
-            if fisher_bias is not None:
-                fishers[id(layer.bias)] = fisher_bias
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group, fishers.get(id(param)))
-        self._ownership.finish()  # share owners' new parameters
+        with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
+            stats = self._pop_statistics()
+            groups = self._groups_by_param()
+            fishers: dict[int, Tensor] = {}
+            for layer in self.capture.layers:
+                if not any(p is not None and p.grad is not None for p in (layer.weight, layer.bias)):
+                    continue
+                group = groups[id(layer.weight)]
+                state = self.state[layer.weight]
+                self._init_layer_state(layer, state, group)
+                step = int(state["step"]) + 1 if "step" in state else 1
+                if layer in stats and self._stats_due(group, step):
+                    self._refresh(layer, state, stats[layer], group)
+                fisher_weight, fisher_bias = self._layer_fisher(layer, group)
+                fishers[id(layer.weight)] = fisher_weight
+                if fisher_bias is not None:
+                    fishers[id(layer.bias)] = fisher_bias
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        self._update(param, group, fishers.get(id(param)))
         self._refresh_recording()
         return loss
 

@@ -212,87 +212,86 @@ class EKFAC(CapturingOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step (class docstring); returns the closure's loss."""
         loss = self._evaluate_closure(closure)
-        self._ownership.begin()  # hide other ranks' layers
-        stats = self._pop_statistics()
-        groups = self._groups_by_param()
-        jobs = []  # (layer, group, step of the layer's weight)
-        for layer in self.capture.layers:
-            members = [
-                p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None
-            ]
-            if not members:
-                continue
-            group = groups[id(layer.weight)]
-            state = self.state[layer.weight]
-            for param in members:
-                self._init_param_state(self.state[param], param, second_moment=False)
-            step = int(state["step"]) + 1 if "step" in state else 1
-            if "numerical_failures" not in state:
-                state["numerical_failures"] = torch.zeros(
-                    (), dtype=torch.int64, device=layer.weight.device
+        with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
+            stats = self._pop_statistics()
+            groups = self._groups_by_param()
+            jobs = []  # (layer, group, step of the layer's weight)
+            for layer in self.capture.layers:
+                members = [
+                    p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None
+                ]
+                if not members:
+                    continue
+                group = groups[id(layer.weight)]
+                state = self.state[layer.weight]
+                for param in members:
+                    self._init_param_state(self.state[param], param, second_moment=False)
+                step = int(state["step"]) + 1 if "step" in state else 1
+                if "numerical_failures" not in state:
+                    state["numerical_failures"] = torch.zeros(
+                        (), dtype=torch.int64, device=layer.weight.device
+                    )
+                if layer in stats:
+                    self._fold_factors(layer, state, stats[layer], group, step)
+                jobs.append((layer, group, step))
+            self._refresh_bases(jobs)
+            # (param, its group, direction, whether it still needs momentum)
+            directions: list[tuple[Tensor, dict[str, Any], Tensor, bool]] = []
+            kl_terms = []
+            for layer, group, step in jobs:
+                state = self.state[layer.weight]
+                if (
+                    "correction" in state
+                    and layer in stats
+                    and (step - 1) % group["correction_every"] == 0
+                ):
+                    self._fold_correction(layer, state, stats[layer], group)
+                dtype = statistics_dtype(layer.weight.dtype)
+                grad_w = layer.weight.grad if layer.weight.grad is not None else None
+                grad_b = (
+                    layer.bias.grad if layer.bias is not None and layer.bias.grad is not None else None
                 )
-            if layer in stats:
-                self._fold_factors(layer, state, stats[layer], group, step)
-            jobs.append((layer, group, step))
-        self._refresh_bases(jobs)
-        # (param, its group, direction, whether it still needs momentum)
-        directions: list[tuple[Tensor, dict[str, Any], Tensor, bool]] = []
-        kl_terms = []
-        for layer, group, step in jobs:
-            state = self.state[layer.weight]
-            if (
-                "correction" in state
-                and layer in stats
-                and (step - 1) % group["correction_every"] == 0
-            ):
-                self._fold_correction(layer, state, stats[layer], group)
-            dtype = statistics_dtype(layer.weight.dtype)
-            grad_w = layer.weight.grad if layer.weight.grad is not None else None
-            grad_b = (
-                layer.bias.grad if layer.bias is not None and layer.bias.grad is not None else None
-            )
-            if "correction" not in state:  # no statistics yet: Adam fallback for this layer
-                for param in (layer.weight, layer.bias):
-                    if param is not None and param.grad is not None:
-                        directions.append(
-                            (
-                                param,
-                                groups[id(param)],
-                                self._fallback(param, groups[id(param)]),
-                                False,
+                if "correction" not in state:  # no statistics yet: Adam fallback for this layer
+                    for param in (layer.weight, layer.bias):
+                        if param is not None and param.grad is not None:
+                            directions.append(
+                                (
+                                    param,
+                                    groups[id(param)],
+                                    self._fallback(param, groups[id(param)]),
+                                    False,
+                                )
                             )
-                        )
-                continue
-            matrix = self._gradient_matrix(layer, grad_w, grad_b, groups, dtype)
-            basis = self.eigenbasis(layer.weight)
-            preconditioned = basis.precondition(matrix, group["damping"])
-            weight_part, bias_part = layer.split_matrix(preconditioned)
-            if group["kl_clip"] is not None:
-                kl_terms.append((group, (preconditioned * matrix).sum() * group["lr"] ** 2))
-            if grad_w is not None:
-                directions.append((layer.weight, group, weight_part, True))
-            if grad_b is not None and bias_part is not None:
-                directions.append((layer.bias, groups[id(layer.bias)], bias_part, True))
-        scale = self._kl_scale(kl_terms)
-        for param, group, direction, is_layer in directions:
-            state = self.state[param]
-            if is_layer:
-                state["step"].add_(1)
-                update = self._momentum(
-                    state,
-                    direction * scale if scale != 1.0 else direction,
-                    group["betas"][0],
-                    int(state["step"]),
-                )
-            else:
-                update = direction
-            self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
-        for group in self.param_groups:
-            for param in self.capture.fallback_params(group["params"]):
-                if param.grad is not None:
-                    update = self._fallback(param, group)
-                    self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
-        self._ownership.finish()  # share owners' new parameters
+                    continue
+                matrix = self._gradient_matrix(layer, grad_w, grad_b, groups, dtype)
+                basis = self.eigenbasis(layer.weight)
+                preconditioned = basis.precondition(matrix, group["damping"])
+                weight_part, bias_part = layer.split_matrix(preconditioned)
+                if group["kl_clip"] is not None:
+                    kl_terms.append((group, (preconditioned * matrix).sum() * group["lr"] ** 2))
+                if grad_w is not None:
+                    directions.append((layer.weight, group, weight_part, True))
+                if grad_b is not None and bias_part is not None:
+                    directions.append((layer.bias, groups[id(layer.bias)], bias_part, True))
+            scale = self._kl_scale(kl_terms)
+            for param, group, direction, is_layer in directions:
+                state = self.state[param]
+                if is_layer:
+                    state["step"].add_(1)
+                    update = self._momentum(
+                        state,
+                        direction * scale if scale != 1.0 else direction,
+                        group["betas"][0],
+                        int(state["step"]),
+                    )
+                else:
+                    update = direction
+                self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
+            for group in self.param_groups:
+                for param in self.capture.fallback_params(group["params"]):
+                    if param.grad is not None:
+                        update = self._fallback(param, group)
+                        self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
         self._refresh_recording()
         return loss
 

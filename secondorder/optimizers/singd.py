@@ -417,23 +417,22 @@ class SINGD(SecondOrderOptimizer):
         if hasattr(self, "found_inf") and float(self.found_inf) > 0:
             self._capture.clear()
             return loss
-        self._ownership.begin()  # hide other ranks' layers
-        recorded = self._capture.has_records()
-        stats = self._ownership.gather_stats(self._capture.pop()) if recorded else {}
-        self._capture.clear()
-        grad_scale, capture_scale = self._scales(stats)
-        inv_scale = 1.0 / grad_scale
-        for group in self.param_groups:
-            done: set[int] = set()
-            for p in group["params"]:
-                layer = self._capture.layer_for(p)
-                if layer is None:
-                    if p.grad is not None:
-                        self._fallback_step(p, group, inv_scale)
-                elif id(layer.weight) not in done:
-                    done.add(id(layer.weight))
-                    self._layer_step(layer, group, stats.get(layer), inv_scale, capture_scale)
-        self._ownership.finish()  # share owners' new parameters
+        with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
+            recorded = self._capture.has_records()
+            stats = self._ownership.gather_stats(self._capture.pop()) if recorded else {}
+            self._capture.clear()
+            grad_scale, capture_scale = self._scales(stats)
+            inv_scale = 1.0 / grad_scale
+            for group in self.param_groups:
+                done: set[int] = set()
+                for p in group["params"]:
+                    layer = self._capture.layer_for(p)
+                    if layer is None:
+                        if p.grad is not None:
+                            self._fallback_step(p, group, inv_scale)
+                    elif id(layer.weight) not in done:
+                        done.add(id(layer.weight))
+                        self._layer_step(layer, group, stats.get(layer), inv_scale, capture_scale)
         self._update_recording()
         return loss
 
