@@ -155,6 +155,7 @@ class LayerCapture:
                 f"Invalid loss_reduction: {loss_reduction!r} (expected 'mean' or 'sum')"
             )
         self.loss_reduction = loss_reduction
+        _make_compile_see_hooks()
         kinds = tuple(kinds)
         for kind in kinds:
             if kind not in KINDS:
@@ -345,3 +346,24 @@ def _stack_passes(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, i
         padded_rows.append(rows)
         padded_grads.append(grads)
     return torch.cat(padded_rows, dim=0), torch.cat(padded_grads, dim=0), real
+
+
+def _make_compile_see_hooks() -> None:
+    """Make ``torch.compile`` guard on module hooks, so it never runs a graph without ours.
+
+    By default Dynamo skips guards on ``nn.Module`` hooks (``skip_nnmodule_hook_guards``): a
+    graph compiled for a model without capture hooks (or for another instance of the same
+    architecture) is then reused for a hooked model, and no statistics are ever recorded —
+    a capture-based optimizer would silently degrade to its diagonal fallback. With the guard,
+    adding or removing our hooks triggers a recompile instead. Graphs compiled before the
+    guard existed carry no hook guards, so Dynamo's cache is reset once, when the guard is
+    first switched on (those graphs recompile on their next call).
+    """
+    try:
+        import torch._dynamo
+        import torch._dynamo.config as dynamo_config
+    except ImportError:  # a torch without Dynamo: nothing to guard
+        return
+    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        dynamo_config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
