@@ -187,8 +187,8 @@ class Shampoo(SecondOrderOptimizer):
         )
         super().__init__(params, defaults)
         self.distributor = resolve_distributor(distributor)
-        self._block_table: list[tuple[Tensor, int]] | None = None
-        self._owners: list[int] | None = None
+        self._block_signature: tuple | None = None
+        self._owners: list[int] = []
 
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -209,17 +209,18 @@ class Shampoo(SecondOrderOptimizer):
         )
 
     def _ownership(self) -> list[int]:
-        """Owner rank per (param, block) in param_groups order; cost ~ Σ d³ + state bytes."""
-        table = [(p, i) for group in self.param_groups for p in group["params"]
-                 for i in range(len(self._layout(p, group)))]
-        if self._block_table is None or len(table) != len(self._block_table) or any(
-                a[0] is not b[0] or a[1] != b[1] for a, b in zip(table, self._block_table)):
-            costs = []
-            for group in self.param_groups:
-                for p in group["params"]:
-                    for shape in self._layout(p, group).shapes:
-                        costs.append(sum(d**3 + 4 * d * d for d in shape) + 3 * math.prod(shape))
-            self._block_table, self._owners = table, self.distributor.assign(costs)
+        """Owner rank per (param, block) in param_groups order; cost ~ Σ d³ + state bytes.
+
+        Recomputed only when the parameters or their blocking change (one tuple compare per
+        step otherwise).
+        """
+        signature = tuple((id(p), group["max_preconditioner_dim"]) for group in self.param_groups
+                          for p in group["params"])
+        if signature != self._block_signature:
+            costs = [sum(d**3 + 4 * d * d for d in shape) + 3 * math.prod(shape)
+                     for group in self.param_groups for p in group["params"]
+                     for shape in self._layout(p, group).shapes]
+            self._block_signature, self._owners = signature, self.distributor.assign(costs)
         return self._owners
 
     # -- the step ---------------------------------------------------------------------------
