@@ -17,6 +17,11 @@ assignment; DCP then fills them from whichever rank wrote them. So a checkpoint 
 2 ranks loads at 1 rank (one process, no process group needed) and back at 2, continuing
 the same trajectory (``tests/distributed/test_checkpoint.py``).
 
+Shampoo on FSDP2 parameters keeps per-*shard* block state (keys naming the shard's offset and
+shape, :mod:`~secondorder.distributed.sharding`): it resumes at the same shard boundaries,
+and :func:`load_checkpoint` raises a ``ValueError`` where they differ instead of silently
+restarting those preconditioners.
+
 State an optimizer creates lazily (after statistics arrive) is added to the template inside
 the dicts this rank owns (:func:`_extend`). Parameters that never had a gradient in the saved
 run come back without state (DCP's template
@@ -40,6 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from secondorder.distributed.sharding import check_shard_layout
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -99,6 +106,7 @@ def load_checkpoint(
     if extra:
         state["extra"] = {key: value.clone() for key, value in extra.items()}
     saved = dcp.FileSystemReader(os.fspath(checkpoint_dir)).read_metadata().state_dict_metadata
+    check_shard_layout(saved, _paths(state["optim"]["state"], "optim.state"))
     state["optim"]["state"] = _prune(state["optim"]["state"], "optim.state", set(saved))
     for fqn, entry in state["optim"]["state"].items():
         _extend(entry, f"optim.state.{fqn}", saved)
@@ -109,6 +117,15 @@ def load_checkpoint(
         model, optimizer, state["optim"], options=StateDictOptions(strict=False)
     )
     return state.get("extra", {})
+
+
+def _paths(tree: dict[str, Any], prefix: str) -> list[str]:
+    """DCP's dotted path of every leaf of a nested state dict."""
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}.{key}"
+        paths.extend(_paths(value, path) if isinstance(value, dict) else [path])
+    return paths
 
 
 def _has_tensor(value: Any) -> bool:

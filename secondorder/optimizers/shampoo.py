@@ -19,6 +19,7 @@ from torch import Tensor
 
 from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor, resolve_distributor
+from secondorder.distributed.sharding import is_sharded, shard_key_prefix
 from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.diagonal import (
@@ -112,6 +113,17 @@ class Shampoo(SecondOrderOptimizer):
             shares the updates; use under ``torchrun`` with a DDP model), a
             ``ProcessGroup``, or a :class:`~secondorder.distributed.Distributor`
             (e.g. ``AllGatherDistributor(communication_dtype=torch.bfloat16)``).
+
+    FSDP2 (``fully_shard``) parameters are DTensors; each rank then preconditions exactly its
+    local shard (by default a contiguous range of rows), cut into blocks like any tensor of
+    that shape, with no communication and no ``distributor`` needed (replicated parameters in
+    the same optimizer still use the distributor). This is Shampoo with every parameter also
+    split at the shard boundaries: it equals single-process Shampoo whose
+    ``max_preconditioner_dim`` cuts the parameters at those boundaries (tested), and it
+    differs from an unsharded run otherwise, as distributed_shampoo's FSDP mode does.
+    Block state is keyed by the shard (``"shard@8,0:8x6_block_0"``: global offset and local
+    shape), so DCP checkpoints resume at the same world size and refuse other shard
+    boundaries with a clear error.
 
     Example::
 
@@ -217,8 +229,9 @@ class Shampoo(SecondOrderOptimizer):
         signature = tuple((id(p), group["max_preconditioner_dim"]) for group in self.param_groups
                           for p in group["params"])
         if signature != self._block_signature:
+            # FSDP2 shards are not distributed further: each rank preconditions its own.
             costs = [sum(d**3 + 4 * d * d for d in shape) + 3 * math.prod(shape)
-                     for group in self.param_groups for p in group["params"]
+                     for group in self.param_groups for p in group["params"] if not is_sharded(p)
                      for shape in self._layout(p, group).shapes]
             self._block_signature, self._owners = signature, self.distributor.assign(costs)
         return self._owners
@@ -229,18 +242,26 @@ class Shampoo(SecondOrderOptimizer):
         """Perform one optimization step (see the class docstring for the exact order)."""
         loss = self._evaluate_closure(closure)
         owners = self._ownership()
+        # Replicated parameters: blocks in global order, owned by one rank, all-gathered.
         updates: list[Tensor | None] = []
-        targets: list[tuple[Tensor, dict[str, Any], Tensor]] = []
+        targets: list[tuple[Tensor, Tensor, dict[str, Any], Tensor | None]] = []
+        # FSDP2 shards: every block of this rank's shard is computed and applied here.
+        shard_targets: list[tuple[Tensor, Tensor, dict[str, Any], Tensor]] = []
+        shard_updates: dict[int, Tensor] = {}
         global_index = 0
         for group in self.param_groups:
             block_jobs = []
             for param in group["params"]:
-                layout = self._layout(param, group)
-                indices = range(global_index, global_index + len(layout))
-                global_index += len(layout)
-                if param.grad is None:
-                    updates.extend(None for _ in indices)
-                    targets.extend((param, group, None) for _ in indices)
+                sharded = is_sharded(param)
+                weight = param.to_local() if sharded else param
+                layout = self._layout(weight, group)
+                if not sharded:
+                    indices = range(global_index, global_index + len(layout))
+                    global_index += len(layout)
+                if param.grad is None or weight.numel() == 0:
+                    if not sharded:
+                        updates.extend(None for _ in indices)
+                        targets.extend((param, weight, group, None) for _ in indices)
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("Shampoo does not support sparse gradients")
@@ -249,24 +270,33 @@ class Shampoo(SecondOrderOptimizer):
                     state["step"] = torch.zeros((), dtype=torch.int64)
                 state["step"].add_(1)
                 step = int(state["step"])
-                grad_blocks = layout.blocks(param.grad)
-                param_blocks = layout.blocks(param)
-                for local_index, global_block in enumerate(indices):
-                    targets.append((param, group, param_blocks[local_index]))
-                    updates.append(None)
-                    if owners[global_block] != self.distributor.rank:
-                        continue
-                    block_jobs.append((global_block, param, local_index, step,
-                                       grad_blocks[local_index], param_blocks[local_index]))
-            for global_block, direction in self._group_directions(group, block_jobs):
-                updates[global_block] = direction
-        updates = self.distributor.all_gather_updates(updates, owners, [block for _, _, block in targets])
+                grad_blocks = layout.blocks(param.grad.to_local() if sharded else param.grad)
+                param_blocks = layout.blocks(weight)
+                prefix = shard_key_prefix(param) if sharded else ""
+                for local_index, (grad_block, param_block) in enumerate(zip(grad_blocks, param_blocks)):
+                    key = f"{prefix}block_{local_index}"
+                    if sharded:
+                        job = -1 - len(shard_targets)  # negative ids: this rank's shard blocks
+                        shard_targets.append((param, weight, group, param_block))
+                    else:
+                        job = indices[local_index]
+                        targets.append((param, weight, group, param_block))
+                        updates.append(None)
+                        if owners[job] != self.distributor.rank:
+                            continue
+                    block_jobs.append((job, param, key, step, grad_block, param_block))
+            for job, direction in self._group_directions(group, block_jobs):
+                if job < 0:
+                    shard_updates[-1 - job] = direction
+                else:
+                    updates[job] = direction
+        updates = self.distributor.all_gather_updates(updates, owners, [target[3] for target in targets])
         self._apply(updates, targets)
+        self._apply([shard_updates.get(index) for index in range(len(shard_targets))], shard_targets)
         return loss
 
-    def _block_state(self, param: Tensor, local_index: int, block: Tensor, group: dict[str, Any],
+    def _block_state(self, param: Tensor, key: str, block: Tensor, group: dict[str, Any],
                      strategy: KroneckerFactors | None) -> dict[str, Any]:
-        key = f"block_{local_index}"
         state = self.state[param]
         if key not in state:
             state_dtype = torch.float32 if block.dtype in (torch.bfloat16, torch.float16) else block.dtype
@@ -356,9 +386,9 @@ class Shampoo(SecondOrderOptimizer):
         # One fused max-|g| per block and one host sync per group (NaN and inf propagate).
         finite = torch.isfinite(torch.stack(torch._foreach_norm([job[4] for job in jobs], ord=math.inf))).tolist()
         prepared = []
-        for (global_block, param, local_index, step, grad, weight), is_finite in zip(jobs, finite):
+        for (global_block, param, key, step, grad, weight), is_finite in zip(jobs, finite):
             strategy = self._strategy(tuple(grad.shape), param, group)
-            state = self._block_state(param, local_index, weight, group, strategy)
+            state = self._block_state(param, key, weight, group, strategy)
             if not is_finite:
                 state["skipped"].add_(1)
                 warnings.warn("Shampoo skipped a block whose gradient is not finite (state kept)",
@@ -388,11 +418,11 @@ class Shampoo(SecondOrderOptimizer):
     def _apply(self, updates: list[Tensor | None], targets: list) -> None:
         """Step 8 on every rank: decoupled decay, then ``W ← W − lr·P`` for each block."""
         decayed: set[int] = set()
-        for update, (param, group, block) in zip(updates, targets):
+        for update, (param, weight, group, block) in zip(updates, targets):
             if block is None or update is None:
                 continue
             if group["weight_decay_type"] == "decoupled" and group["weight_decay"] != 0 and id(param) not in decayed:
-                param.mul_(1 - group["lr"] * group["weight_decay"])
+                weight.mul_(1 - group["lr"] * group["weight_decay"])  # the local shard under FSDP2
                 decayed.add(id(param))
             block.add_(update.to(block.dtype), alpha=-group["lr"])
 
