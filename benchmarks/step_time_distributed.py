@@ -2,17 +2,19 @@
 
     python -m benchmarks.step_time_distributed [--optimizers Shampoo,EKFAC] [--world-sizes 1,2]
                                                [--width 512] [--batch 256] [--steps 30] [--out DIR]
+                                               [--parallel ddp|fsdp]
 
 For each world size the script launches itself under ``torchrun --standalone`` (gloo on CPU,
 nccl when CUDA is available; one torch thread per rank on CPU) and each rank trains
-``MLP((256, width, width, 10))`` DDP-wrapped on its own random batches of ``--batch``
-examples. Timed per step, after ``--warmup`` steps: the whole training step (forward,
-backward with DDP's all-reduce, ``optimizer.step()``), ``optimizer.step()`` alone, and the
+``MLP((256, width, width, 10))`` DDP-wrapped (``--parallel fsdp``: FSDP2 ``fully_shard`` on
+every Linear and the root) on its own random batches of ``--batch`` examples. Timed per
+step, after ``--warmup`` steps: the whole training step (forward, backward with DDP's
+all-reduce or FSDP2's reduce-scatter, ``optimizer.step()``), ``optimizer.step()`` alone, and the
 time spent inside the distributor's collectives (the update all-gather, and for
 capture-based optimizers the statistics gather). Reported: medians, means over the timed
 window (amortised eigendecompositions included), the collectives' share of the optimizer
 step, the largest per-rank optimizer-state size and its ratio to world size 1's.
-Writes ``step_time_distributed.json`` under ``--out`` (default
+Writes ``step_time_distributed.json`` (``_fsdp.json`` for FSDP2) under ``--out`` (default
 ``bench_results/step_time_distributed``).
 """
 
@@ -31,6 +33,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -59,6 +64,8 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     stack: list[Any] = list(optimizer.state.values())
     while stack:
         value = stack.pop()
+        if isinstance(value, DTensor):
+            value = value.to_local()
         if isinstance(value, torch.Tensor):
             if value.untyped_storage().data_ptr() not in seen:
                 seen.add(value.untyped_storage().data_ptr())
@@ -104,6 +111,12 @@ def worker(args: argparse.Namespace) -> None:
     for name in args.optimizers.split(","):
         torch.manual_seed(0)
         model = MLP((256, args.width, args.width, 10)).to(device)
+        if args.parallel == "fsdp":  # shard before the optimizer sees the parameters
+            mesh = init_device_mesh(device.type, (world,))
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         entry = REGISTRY[name]
         cls = resolve_target(entry.target)
         overrides = dict(OVERRIDES.get(name, {}))
@@ -113,7 +126,7 @@ def worker(args: argparse.Namespace) -> None:
         clock = {"comm": 0.0}
         if hasattr(optimizer, "distributor"):
             _instrument(optimizer.distributor, clock)
-        wrapped = DistributedDataParallel(model)
+        wrapped = DistributedDataParallel(model) if args.parallel == "ddp" else model
         generator = torch.Generator().manual_seed(1000 + rank)
         batches = [
             (
@@ -188,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="examples per rank per step")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--out", default=os.path.join("bench_results", "step_time_distributed"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -227,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                "--parallel",
+                args.parallel,
             ]
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             with open(result.name) as handle:
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             device = data["device"]
     base = {row["optimizer"]: row for row in rows if row["world_size"] == 1}
     lines = [
-        f"MLP((256, {args.width}, {args.width}, 10)), batch {args.batch} per rank, {device}, "
+        f"MLP((256, {args.width}, {args.width}, 10)), {args.parallel}, batch {args.batch} per rank, {device}, "
         f"{args.steps} timed steps",
         f"{'optimizer':<10} {'ws':>2} {'train ms':>9} {'step med':>9} {'step mean':>9} "
         f"{'comm %':>7} "
@@ -256,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\n".join(lines))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "step_time_distributed.json"), "w") as handle:
+    name = "step_time_distributed.json" if args.parallel == "ddp" else "step_time_distributed_fsdp.json"
+    with open(os.path.join(args.out, name), "w") as handle:
         json.dump(
-            {"device": device, "width": args.width, "batch": args.batch, "rows": rows},
+            {"device": device, "parallel": args.parallel, "width": args.width, "batch": args.batch, "rows": rows},
             handle,
             indent=1,
         )
