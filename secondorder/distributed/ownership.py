@@ -26,18 +26,33 @@ hide nothing, gather nothing and copy nothing. Requirements: gradients identical
 rank (DDP) and the same sequence length ``T`` per layer on every rank (inputs are
 concatenated along the example dim only). Couplings across layers (EK-FAC's ``kl_clip``)
 cannot be distributed this way.
+
+FSDP2 (``fully_shard``: DTensor parameters and gradients, ``Shard(0)``). What is
+preconditioned is the *full layer*, exactly as under DDP: a Kronecker factor on the output
+side mixes the rows FSDP2 shards, so :meth:`owned_step` runs the step body inside
+:func:`~secondorder.distributed.full_view.full_view`: every DTensor parameter and its
+(already reduce-scattered) gradient are all-gathered into plain full tensors that stand in
+for the DTensors (param groups, ``optimizer.state``, the capture's layers, the block table);
+owners update them, the usual all-gather of owners' values makes them equal everywhere, and
+each rank copies its own shard back. The result equals single-process training on the global
+batch, and the optimizer state is plain, full-size and held by the owner only (checkpoints
+behave as under DDP). Memory: one full copy of each parameter and of its gradient during the
+step (on every rank), plus the owner's full-size state. A multi-rank ``distributor`` is
+required (``distributor=True``); with the single-process default the step raises
+``ValueError``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from secondorder.distributed.distributor import Distributor
+from secondorder.distributed.full_view import full_view
 
 __all__ = ["LayerOwnership"]
 
@@ -51,6 +66,10 @@ class LayerOwnership:
         layers: returns the tracked layers (objects with ``weight``, ``bias``, ``kind``,
             ``in_features``, ``out_features``, e.g.
             :class:`~secondorder.precond.capture.CapturedLayer`), in a rank-independent order.
+        capture: returns the :class:`~secondorder.precond.capture.LayerCapture` owning the
+            layers (its ``swap_params`` keeps its parameter lookup right while DTensor
+            parameters are replaced by full tensors); without it only the layers' ``weight``
+            and ``bias`` attributes are swapped.
     """
 
     def __init__(
@@ -58,10 +77,13 @@ class LayerOwnership:
         optimizer: torch.optim.Optimizer,
         distributor: Distributor,
         layers: Callable[[], Sequence[Any]],
+        *,
+        capture: Callable[[], Any] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.distributor = distributor
         self._layers = layers
+        self._capture = capture
         self._key: tuple[int, ...] | None = None
         self._blocks: list[list[Tensor]] = []
         self._owners: list[int] = []
@@ -172,18 +194,36 @@ class LayerOwnership:
 
     @contextlib.contextmanager
     def owned_step(self) -> Iterator[None]:
-        """``begin()`` … ``finish()`` around an optimizer step's body.
+        """``begin()`` … ``finish()`` around an optimizer step's body, on a full view of DTensor params.
 
-        If the body raises, the hidden gradients are still given back (no all-gather then),
-        so a failed step never leaves the user's ``.grad`` missing.
+        If the body raises, the hidden gradients are still given back (no all-gather then)
+        and DTensor parameters are restored unchanged, so a failed step never leaves the
+        user's ``.grad`` missing or a full tensor in the optimizer's place.
         """
-        self.begin()
-        try:
-            yield
-        except BaseException:
-            self._restore_gradients()
-            raise
-        self.finish()
+        with full_view(self.optimizer, self.distributor, self._swap_params):
+            self.begin()
+            try:
+                yield
+            except BaseException:
+                self._restore_gradients()
+                raise
+            self.finish()
+
+    def _swap_params(self, mapping: Mapping[int, Tensor]) -> None:
+        """Replace each tensor whose ``id`` is in ``mapping`` in the layers and the block table."""
+        capture = self._capture() if self._capture is not None else None
+        if capture is not None:
+            capture.swap_params(mapping)
+        else:
+            for layer in self._layers():
+                layer.weight = mapping.get(id(layer.weight), layer.weight)
+                if layer.bias is not None:
+                    layer.bias = mapping.get(id(layer.bias), layer.bias)
+        if self._key is None:
+            return
+        self._blocks = [[mapping.get(id(p), p) for p in block] for block in self._blocks]
+        self._owner_of = {_new_id(key, mapping): owner for key, owner in self._owner_of.items()}
+        self._key = tuple(_new_id(key, mapping) for key in self._key)
 
     def _restore_gradients(self) -> None:
         for param, grad in self._hidden:
@@ -210,6 +250,11 @@ class LayerOwnership:
             for param in block:
                 param.detach().copy_(value[offset : offset + param.numel()].view(param.shape))
                 offset += param.numel()
+
+
+def _new_id(key: int, mapping: Mapping[int, Tensor]) -> int:
+    """``key`` (a tensor's ``id``) after the swap ``mapping``."""
+    return id(mapping[key]) if key in mapping else key
 
 
 def _layer_cost(layer: Any) -> float:

@@ -52,7 +52,9 @@ class CapturingOptimizer(SecondOrderOptimizer):
         self.capture: LayerCapture | None = None
         # Block = layer: each rank owns some layers (secondorder.distributed.ownership).
         self.distributor = resolve_distributor(distributor)
-        self._ownership = LayerOwnership(self, self.distributor, lambda: self.capture.layers)
+        self._ownership = LayerOwnership(
+            self, self.distributor, lambda: self.capture.layers, capture=lambda: self.capture
+        )
         self._build_capture()
 
     def _build_capture(self) -> None:

@@ -92,7 +92,10 @@ class EKFAC(CapturingOptimizer):
         loss_reduction: how the loss reduces examples, ``"mean"`` or ``"sum"`` (capture docs).
         distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
             cost-balanced share of the layers, see :mod:`secondorder.distributed.ownership`),
-            a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`.
+            a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`. Required
+            for FSDP2 (``fully_shard``) models: each owner preconditions its layers whole, on
+            a full copy of their parameters and gradients gathered for the step (the same
+            result as DDP; :mod:`secondorder.distributed.ownership`, "FSDP2").
 
     Example::
 

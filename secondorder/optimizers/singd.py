@@ -123,7 +123,10 @@ class SINGD(SecondOrderOptimizer):
         warn_unsupported: warn once about parameters that go to the fallback.
         distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
             cost-balanced share of the layers, see :mod:`secondorder.distributed.ownership`),
-            a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`.
+            a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`. Required
+            for FSDP2 (``fully_shard``) models: each owner preconditions its layers whole, on
+            a full copy of their parameters and gradients gathered for the step (the same
+            result as DDP; :mod:`secondorder.distributed.ownership`, "FSDP2").
 
     State per tracked layer, in ``state[layer.weight]``: ``K``, ``C`` (and ``m_K``, ``m_C`` when
     α₁ ≠ 0) as flat tensors of the structures' ``numel``; ``step`` and ``numerical_skips``
@@ -187,7 +190,9 @@ class SINGD(SecondOrderOptimizer):
         super().__init__(params, defaults)
         # Block = layer: each rank owns some layers (secondorder.distributed.ownership).
         self.distributor = resolve_distributor(distributor)
-        self._ownership = LayerOwnership(self, self.distributor, lambda: self._capture.layers)
+        self._ownership = LayerOwnership(
+            self, self.distributor, lambda: self._capture.layers, capture=lambda: self._capture
+        )
         self._capture = self._make_capture()
         if warn_unsupported:
             self._warn_fallback()

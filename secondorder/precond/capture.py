@@ -77,7 +77,7 @@ equal to ``padding_idx`` get ``g = 0`` (their row is never updated).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -205,6 +205,23 @@ class LayerCapture:
     def fallback_params(self, params: Iterable[Tensor]) -> list[Tensor]:
         """The members of ``params`` that belong to no tracked layer (they need a fallback)."""
         return [p for p in params if id(p) not in self._by_param]
+
+    def swap_params(self, mapping: Mapping[int, Tensor]) -> None:
+        """Replace tracked parameters: each ``p`` with ``id(p)`` in ``mapping`` by ``mapping[id(p)]``.
+
+        Layers' ``weight`` / ``bias`` and the lookups (:meth:`layer_for`,
+        :meth:`fallback_params`) follow; the reverse mapping undoes it. Used while an optimizer
+        step works on full tensors in place of sharded DTensor parameters
+        (:mod:`secondorder.distributed.full_view`).
+        """
+        for layer in self.layers:
+            layer.weight = mapping.get(id(layer.weight), layer.weight)
+            if layer.bias is not None:
+                layer.bias = mapping.get(id(layer.bias), layer.bias)
+        self._by_param = {
+            (id(mapping[key]) if key in mapping else key): layer
+            for key, layer in self._by_param.items()
+        }
 
     # ------------------------------------------------------------------ control
     @contextlib.contextmanager
