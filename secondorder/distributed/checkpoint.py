@@ -32,7 +32,9 @@ and the template step runs the distributor's all-gather).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -66,7 +68,8 @@ def save_checkpoint(
         extra: further tensors to save, e.g. ``{"step": torch.tensor(step)}`` (replicated:
             the same value on every rank).
     """
-    model_state, optim_state = get_state_dict(model, optimizer)
+    with _uniform_template_step(optimizer):
+        model_state, optim_state = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     if extra:
         state["extra"] = dict(extra)
@@ -113,10 +116,39 @@ def load_checkpoint(
     dcp.load(state, checkpoint_id=os.fspath(checkpoint_dir))
     set_model_state_dict(model, state["model"])
     # strict=False: parameters without saved state (dead layers) are allowed.
-    set_optimizer_state_dict(
-        model, optimizer, state["optim"], options=StateDictOptions(strict=False)
-    )
+    with _uniform_template_step(optimizer):
+        set_optimizer_state_dict(
+            model, optimizer, state["optim"], options=StateDictOptions(strict=False)
+        )
     return state.get("extra", {})
+
+
+@contextlib.contextmanager
+def _uniform_template_step(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Let DCP's template step run on every rank or on none.
+
+    ``get_/set_optimizer_state_dict`` step an optimizer whose state is empty and that has no
+    gradients (``_init_optim_state``). A rank that owns no block holds no state, so after
+    training it would step alone while its peers skip, and the step's collectives would hang.
+    When some rank would skip, the others get an empty placeholder entry (which makes DCP
+    skip too; they own nothing, so the step would have created nothing) that is removed
+    afterwards.
+    """
+    distributor = getattr(optimizer, "distributor", None)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if distributor is None or distributor.world_size == 1 or not params:
+        yield
+        return
+    would_step = not optimizer.state and all(p.grad is None for p in params)
+    some_rank_skips = distributor.any(not would_step)  # collective: every rank calls it once
+    placeholder = would_step and some_rank_skips
+    if placeholder:
+        optimizer.state[params[0]] = {}
+    try:
+        yield
+    finally:
+        if placeholder and not optimizer.state.get(params[0]):
+            optimizer.state.pop(params[0], None)
 
 
 def _paths(tree: dict[str, Any], prefix: str) -> list[str]:

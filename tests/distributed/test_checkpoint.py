@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from secondorder.distributed.checkpoint import load_checkpoint, save_checkpoint
+from secondorder.optimizers.ekfac import EKFAC
 from secondorder.optimizers.shampoo import Shampoo
 from tests.distributed.launcher import run_forked
 from tests.distributed.training import make_batches, make_model, parameters_of, train, wrap_ddp
@@ -113,3 +114,42 @@ def test_save_at_two_ranks_load_at_one_and_back(tmp_path):
             assert losses == ref_losses, (mode, rank)
             for got, want in zip(last[rank][mode][1], ref_params, strict=False):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _owns_nothing_body(rank: int, world_size: int, directory: str) -> dict:
+    """EKFAC on one Linear layer: one block, so rank 1 owns nothing and holds no state."""
+
+    def build():
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 3)
+        optimizer = EKFAC(layer.parameters(), model=layer, lr=1e-2, stats_every=1, precondition_frequency=2,
+                          distributor=True)
+        return layer, torch.nn.parallel.DistributedDataParallel(layer), optimizer
+
+    generator = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(8, 4, generator=generator) for _ in range(6)]
+
+    def run(wrapped, optimizer, batch):
+        for x in batch:
+            optimizer.zero_grad()
+            wrapped(x).pow(2).mean().backward()
+            optimizer.step()
+
+    layer, wrapped, optimizer = build()
+    run(wrapped, optimizer, inputs[:3])
+    optimizer.zero_grad()  # no gradients and no state on rank 1: DCP would step it alone
+    save_checkpoint(directory, layer, optimizer)
+    run(wrapped, optimizer, inputs[3:])
+    resumed_layer, resumed_wrapped, resumed = build()
+    load_checkpoint(directory, resumed_layer, resumed)
+    run(resumed_wrapped, resumed, inputs[3:])
+    return {"owned": len(optimizer.state), "uninterrupted": parameters_of(layer),
+            "resumed": parameters_of(resumed_layer)}
+
+
+def test_rank_owning_nothing_saves_and_loads(tmp_path):
+    results = run_forked(_owns_nothing_body, 2, args=(os.fspath(tmp_path / "checkpoint"),), timeout=60)
+    assert sorted(out["owned"] for out in results) == [0, 2]
+    for out in results:
+        for got, want in zip(out["resumed"], out["uninterrupted"], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
