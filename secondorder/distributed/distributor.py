@@ -18,7 +18,7 @@ Two implementations share one interface:
 Statistics that differ per rank (layer inputs / output gradients captured on each rank's
 micro-batch) reach the owner through :meth:`Distributor.gather_to_owners` (concatenate the
 per-rank examples, exact) or :meth:`Distributor.reduce_to_owners` (average per-rank
-statistics). Gradients already all-reduced by DDP need neither.
+statistics, or sum them with ``op="sum"``). Gradients already all-reduced by DDP need neither.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import Tensor
 from secondorder.distributed.collectives import OwnerLayout, all_gather_flat, reduce_scatter_flat
 
 _COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_REDUCE_OPS = ("mean", "sum")
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
@@ -95,18 +96,21 @@ class Distributor:
         return list(updates)
 
     def reduce_to_owners(
-        self, stats: Sequence[Tensor | None], owners: Sequence[int]
+        self, stats: Sequence[Tensor | None], owners: Sequence[int], op: str = "mean"
     ) -> list[Tensor | None]:
-        """Average per-rank statistics over ranks, delivered to each block's owner.
+        """Average (or sum) per-rank statistics over ranks, delivered to each block's owner.
 
         Args:
             stats: per block, this rank's statistic (same shape and dtype on every rank;
                 ``None`` where the block has none this step, on every rank).
             owners: per block, its owner rank.
+            op: ``"mean"`` (default) or ``"sum"`` over ranks (e.g. sums of per-example
+                statistics over data shards, normalised later by a global count).
 
         Returns:
-            Per block, the mean over ranks on the owner, ``None`` elsewhere.
+            Per block, the mean (or sum) over ranks on the owner, ``None`` elsewhere.
         """
+        _check_reduce_op(op)
         _check_lengths(stats, owners, None)
         return list(stats)
 
@@ -140,6 +144,10 @@ class Distributor:
     def any(self, flag: bool) -> bool:
         """``flag`` OR-ed over ranks."""
         return bool(flag)
+
+    def communication_device(self) -> torch.device:
+        """Where tensors handed to the collectives must live (the CPU here)."""
+        return torch.device("cpu")
 
 
 class AllGatherDistributor(Distributor):
@@ -225,6 +233,11 @@ class AllGatherDistributor(Distributor):
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.process_group)
         return bool(value.item() > 0)
 
+    def communication_device(self) -> torch.device:
+        """Where tensors handed to the collectives must live: the current CUDA device under
+        NCCL (which moves CUDA tensors only), else the CPU."""
+        return self._device()
+
     def _device(self) -> torch.device:
         if dist.get_backend(self.process_group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
@@ -273,9 +286,12 @@ class AllGatherDistributor(Distributor):
         return result
 
     def reduce_to_owners(
-        self, stats: Sequence[Tensor | None], owners: Sequence[int]
+        self, stats: Sequence[Tensor | None], owners: Sequence[int], op: str = "mean"
     ) -> list[Tensor | None]:
-        """One flat reduce-scatter: the mean over ranks lands on each block's owner."""
+        """One flat reduce-scatter: the mean (``op="sum"``: the sum) over ranks lands on each
+        block's owner. Reduced in the statistics' dtype promoted with float32 (float64 stays
+        float64)."""
+        _check_reduce_op(op)
         _check_lengths(stats, owners, None)
         present = [s for s in stats if s is not None]
         if not present:
@@ -292,9 +308,9 @@ class AllGatherDistributor(Distributor):
             if tensor is not None:
                 start = layout.offsets[index]
                 full[owners[index], start : start + layout.numels[index]].copy_(tensor.reshape(-1))
-        mine = reduce_scatter_flat(full.view(-1), self.world_size, self.process_group).div_(
-            self.world_size
-        )
+        mine = reduce_scatter_flat(full.view(-1), self.world_size, self.process_group)
+        if op == "mean":
+            mine = mine.div_(self.world_size)
         result: list[Tensor | None] = []
         for index, tensor in enumerate(stats):
             if tensor is None or owners[index] != self.rank:
@@ -406,6 +422,11 @@ def resolve_distributor(distributor: Distributor | dist.ProcessGroup | bool | No
 def _row_numel(tensor: Tensor) -> int:
     """Elements per dim-0 row of ``tensor``."""
     return math.prod(tensor.shape[1:])
+
+
+def _check_reduce_op(op: str) -> None:
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"Invalid op: {op!r} (expected one of {_REDUCE_OPS})")
 
 
 def _check_lengths(values: Sequence, owners: Sequence[int], like: Sequence | None) -> None:

@@ -18,7 +18,10 @@ Sign: with a loss measurement, positive = helpful (removing the example raises t
 Units: raw scores are ``N ×`` the predicted change; :meth:`InfluenceScores.normalized` divides.
 Modules: :mod:`~secondorder.influence.task` (the task protocol),
 :mod:`~secondorder.influence.factors` (fitting stages and storage),
-:mod:`~secondorder.influence.scores` (queries), :mod:`~secondorder.influence.statistics` (maths).
+:mod:`~secondorder.influence.scores` (queries), :mod:`~secondorder.influence.statistics` (maths),
+:mod:`~secondorder.influence.sharding` (how fitting and scoring split their work over
+``torch.distributed`` ranks: data shards, one owner rank per layer for the eigendecomposition,
+through the suite's distributor; ``distributor=`` as for the optimizers).
 """
 
 from secondorder.influence.factors import InfluenceFactors, fit_factors, load_factors

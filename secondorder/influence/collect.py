@@ -1,8 +1,8 @@
 """Running the model over data and collecting per-layer inputs and output gradients.
 
 * :func:`resolve_indices` / :func:`shard` / :func:`iterate_batches`: which examples, in which
-  batches, on which rank (contiguous shards under ``torch.distributed``), with an optional tqdm
-  progress bar.
+  batches, on which rank (contiguous shards, one per rank of the distributor), with an
+  optional tqdm progress bar.
 * :class:`LayerRecorder`: wraps :class:`secondorder.precond.capture.LayerCapture` (the suite's
   one hook mechanism) around the task's tracked modules and returns, per backward pass, each
   layer's rows ``a`` and output gradients ``g`` scaled to per-example losses (the task's
@@ -60,25 +60,18 @@ def resolve_indices(dataset: Any, indices: Sequence[int] | None, name: str) -> l
     return result
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)``: ``(0, 1)`` unless ``torch.distributed`` is initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def shard(indices: Sequence[int]) -> tuple[list[int], list[int]]:
-    """This rank's contiguous share of ``indices`` and every rank's share size.
+def shard(indices: Sequence[int], rank: int, world_size: int) -> tuple[list[int], list[int]]:
+    """Rank ``rank``'s contiguous share of ``indices`` among ``world_size`` ranks, and every
+    rank's share size.
 
     Returns:
         ``(local indices, sizes per rank)``; concatenating the shards in rank order gives
         ``indices`` back, so gathered results keep the caller's order.
     """
-    rank, size = world()
     total = len(indices)
-    bounds = [total * r // size for r in range(size + 1)]
+    bounds = [total * r // world_size for r in range(world_size + 1)]
     return list(indices[bounds[rank] : bounds[rank + 1]]), [
-        bounds[r + 1] - bounds[r] for r in range(size)
+        bounds[r + 1] - bounds[r] for r in range(world_size)
     ]
 
 

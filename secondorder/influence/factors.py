@@ -19,9 +19,25 @@ the same arguments loads the stage instead of recomputing it; different argument
 share the covariance and eigendecomposition stages, so fitting ``ekfac`` after ``kfac`` in one
 directory only adds the correction. ``data_partitions=k`` fits each stage in ``k`` contiguous
 chunks, each saved as it finishes (a killed run resumes at the next chunk), and sums them — the
-result does not depend on ``k`` or on the batch size. Under ``torch.distributed`` every rank
-fits a contiguous shard and the sums are all-reduced (gloo on CPU or NCCL); rank 0 writes the
-files.
+result does not depend on ``k`` or on the batch size.
+
+Under ``torch.distributed`` (``distributor=``, by default the default process group when it
+has more than one rank; gloo on CPU or NCCL) the work is sharded through the suite's
+distributor (:mod:`secondorder.influence.sharding`):
+
+* **data**: every rank fits a contiguous shard of the examples;
+* **layers**: every tracked layer has one owner rank, assigned by cost (LPT on
+  ``groups·(d_out³ + d_in'³)``, deterministic from the tracked-module order);
+* **covariance** and **eigenvalue correction**: each layer's per-rank sums reach its owner,
+  summed in float64 (one flat reduce-to-owners per stage and data partition), then every rank
+  receives every layer (one flat all-gather), so the result equals one process up to the
+  order of the float64 additions;
+* **eigendecomposition**: each rank eigendecomposes only the layers it owns (the ``d³`` work
+  is split, not replicated); one lossless all-gather gives every rank every eigenbasis, which
+  the correction stage and scoring need.
+
+A rank may own no layer; it still fits its data shard and joins the collectives. Rank 0
+writes the files; every rank loads a finished stage only when every rank finds it.
 
 Memory stays bounded by the batch size: per-example gradients exist one batch at a time.
 """
@@ -35,14 +51,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secondorder.distributed.distributor import Distributor
 from secondorder.influence.collect import (
     FISHER_MODES,
     LayerRecorder,
     iterate_batches,
     resolve_indices,
     shard,
-    world,
 )
+from secondorder.influence.sharding import LayerSharding, influence_distributor
 from secondorder.influence.statistics import (
     STRATEGIES,
     LayerPreconditioner,
@@ -174,18 +191,24 @@ def _unflatten(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return layers
 
 
-def _all_reduce(layers: dict[str, dict[str, Tensor]]) -> None:
-    """Sum every tensor over ranks in place (no-op in a single process)."""
-    if world()[1] == 1:
-        return
-    device = torch.device("cpu")
-    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-        device = torch.device("cuda", torch.cuda.current_device())
-    for tensors in layers.values():
-        for key, value in tensors.items():
-            work = value.to(device=device, dtype=torch.float64, copy=True)
-            torch.distributed.all_reduce(work, op=torch.distributed.ReduceOp.SUM)
-            tensors[key] = work.to(device="cpu", dtype=value.dtype)
+def _eigen_like(covariance: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Shapes and dtypes (``meta`` tensors) of :func:`eigendecompose`'s output for one layer's
+    covariance tensors: what a rank that does not own the layer will receive."""
+    gradient, activation = covariance["gradient_covariance"], covariance["activation_covariance"]
+
+    def meta(shape: torch.Size) -> Tensor:
+        return torch.empty(shape, dtype=gradient.dtype, device="meta")
+
+    like = {
+        "gradient_eigenvalues": meta(gradient.shape[:-1]),
+        "gradient_eigenvectors": meta(gradient.shape),
+    }
+    if activation.dim() == 2:  # an embedding's diagonal: its own eigenvalues, no basis
+        like["activation_eigenvalues"] = meta(activation.shape)
+    else:
+        like["activation_eigenvalues"] = meta(activation.shape[:-1])
+        like["activation_eigenvectors"] = meta(activation.shape)
+    return like
 
 
 class _Fit:
@@ -207,6 +230,7 @@ class _Fit:
         data_partitions,
         progress,
         dtype,
+        distributor,
     ) -> None:
         self.model, self.task, self.dataset = model, task, dataset
         self.fisher, self.seed, self.batch_size = fisher, seed, batch_size
@@ -216,6 +240,8 @@ class _Fit:
         if not self.indices:
             raise ValueError("Invalid dataset: no examples to fit on")
         self.recorder = LayerRecorder(model, task)
+        self.sharding = LayerSharding(distributor, self.recorder.layers)
+        self.rank, self.world_size = self.sharding.rank, self.sharding.world_size
         self.dtype = dtype or next(iter(self.recorder.layers)).weight.dtype
         self.arguments = {
             "fisher": fisher,
@@ -223,7 +249,7 @@ class _Fit:
             "seed": seed if fisher == "sampled" else None,
             "batch_size": batch_size if fisher == "sampled" else None,
             "data_partitions": data_partitions if fisher == "sampled" else None,
-            "world_size": world()[1] if fisher == "sampled" else None,
+            "world_size": self.world_size if fisher == "sampled" else None,
             "modules": {
                 layer.name: [layer.kind, layer.groups, layer.out_features, layer.in_features]
                 for layer in self.recorder.layers
@@ -241,12 +267,17 @@ class _Fit:
         compute: Callable[[list[int], str, int], dict[str, dict[str, Tensor]]],
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, dict[str, Tensor]]:
-        """Load ``name`` if finished with these arguments, else compute (by partitions) and save."""
+        """Load ``name`` if finished with these arguments, else compute (by partitions) and save.
+
+        ``compute`` returns this rank's sums over its data shard for every layer; per
+        computed partition they are summed over ranks onto each layer's owner, then gathered
+        to every rank (two flat collectives).
+        """
         arguments = {**self.arguments, **(extra or {})}
-        if world()[1] > 1:  # every rank decides skip-or-compute on the same files
-            torch.distributed.barrier()
+        self.sharding.barrier()  # rank 0's files of an earlier stage or call are complete
         loaded = self.store.load(name, arguments)
-        if loaded is not None:
+        # Computing runs collectives, so every rank must take the same branch.
+        if self.sharding.everywhere(loaded is not None):
             return _unflatten(loaded)
         total: dict[str, dict[str, Tensor]] | None = None
         count = len(self.indices)
@@ -255,14 +286,18 @@ class _Fit:
             chunk = self.indices[
                 count * part // self.partitions : count * (part + 1) // self.partitions
             ]
-            result = None if self.partitions == 1 else self.store.load(part_name, arguments)
-            result = _unflatten(result) if result is not None else None
+            result = None
+            if self.partitions > 1:
+                saved = self.store.load(part_name, arguments)
+                if self.sharding.everywhere(saved is not None):
+                    result = _unflatten(saved)
             if result is None:
-                local, _ = shard(chunk)
+                local, _ = shard(chunk, self.rank, self.world_size)
                 desc = f"{name} {part + 1}/{self.partitions}" if self.partitions > 1 else name
-                result = compute(local, desc, part)
-                _all_reduce(result)
-                if self.partitions > 1 and world()[0] == 0:
+                sums = compute(local, desc, part)
+                # owners receive their layers' sums; then every rank (rank 0 saves) gets all
+                result = self.sharding.gather(self.sharding.reduce(sums), sums)
+                if self.partitions > 1 and self.rank == 0:
                     self.store.save(part_name, _flatten(result), arguments)
             if total is None:
                 total = result
@@ -270,9 +305,30 @@ class _Fit:
                 for layer, tensors in result.items():
                     for key, value in tensors.items():
                         total[layer][key] = total[layer][key] + value
-        if world()[0] == 0:
+        if self.rank == 0:
             self.store.save(name, _flatten(total), arguments)
         return total
+
+    def eigendecomposition(
+        self, covariance: Mapping[str, Mapping[str, Tensor]]
+    ) -> dict[str, dict[str, Tensor]]:
+        """Load the stage, or eigendecompose the layers this rank owns and gather them all."""
+        loaded = self.store.load("eigendecomposition", self.arguments)
+        if self.sharding.everywhere(loaded is not None):
+            return _unflatten(loaded)
+        owned = {}
+        for name in self.sharding.owned():
+            tensors = covariance[name]
+            owned[name] = eigendecompose(
+                tensors["activation_covariance"] / max(float(tensors["activation_count"]), 1.0),
+                tensors["gradient_covariance"] / max(float(tensors["gradient_count"]), 1.0),
+                name,
+            )
+        like = {name: _eigen_like(covariance[name]) for name in self.sharding.names}
+        decomposition = self.sharding.gather(owned, like)
+        if self.rank == 0:
+            self.store.save("eigendecomposition", _flatten(decomposition), self.arguments)
+        return decomposition
 
     def batches(self, indices: Sequence[int], desc: str):
         return iterate_batches(
@@ -290,7 +346,7 @@ class _Fit:
         partition 0), so shards and partitions draw independent labels."""
         if self.fisher != "sampled":
             return None
-        stream = world()[0] * self.partitions + part
+        stream = self.rank * self.partitions + part
         return torch.Generator().manual_seed(self.seed + 1_000_003 * stream)
 
     def _empty(self, shapes: Callable) -> dict[str, dict[str, Tensor]]:
@@ -383,6 +439,7 @@ def fit_factors(
     data_partitions: int = 1,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    distributor: Distributor | torch.distributed.ProcessGroup | bool | None = None,
 ) -> InfluenceFactors:
     """Fit the factors ``strategy`` needs on ``dataset`` (module docstring).
 
@@ -407,6 +464,14 @@ def fit_factors(
         dtype: dtype of the accumulated statistics (default: the tracked weights' dtype);
             eigendecompositions always run in float64.
         progress: show tqdm progress bars (when tqdm is installed).
+        distributor: how the fit is sharded over ranks (module docstring), as the optimizers'
+            ``distributor=``: ``None`` shards over the default process group when
+            ``torch.distributed`` is initialised with more than one rank (e.g. under
+            ``torchrun``), else one process; ``True``: the default process group; a
+            ``ProcessGroup``: that group; a
+            :class:`~secondorder.distributed.distributor.Distributor`: used as is; ``False``:
+            this process fits every example alone. Every rank of the group must call
+            :func:`fit_factors` with the same arguments.
 
     Returns:
         :class:`InfluenceFactors`. Normalisations: ``A``, ``S`` by the number of counted
@@ -417,6 +482,7 @@ def fit_factors(
     check_int("batch_size", batch_size, low=1)
     check_int("data_partitions", data_partitions, low=1)
     check_int("seed", seed)
+    distributor = influence_distributor(distributor)
     store = StageStore(output_dir, overwrite=overwrite)
     fit = _Fit(
         model,
@@ -432,27 +498,13 @@ def fit_factors(
         data_partitions=data_partitions,
         progress=progress,
         dtype=dtype,
+        distributor=distributor,
     )
     try:
         layers: dict[str, dict[str, Tensor]] = {name: {} for name in fit.recorder.names}
         if strategy in ("kfac", "ekfac"):
             covariance = fit.stage("covariance", fit.covariance)
-
-            def eigen() -> dict[str, dict[str, Tensor]]:
-                return {
-                    name: eigendecompose(
-                        tensors["activation_covariance"]
-                        / max(float(tensors["activation_count"]), 1.0),
-                        tensors["gradient_covariance"] / max(float(tensors["gradient_count"]), 1.0),
-                        name,
-                    )
-                    for name, tensors in covariance.items()
-                }
-
-            loaded = store.load("eigendecomposition", fit.arguments)
-            decomposition = _unflatten(loaded) if loaded is not None else eigen()
-            if loaded is None and world()[0] == 0:
-                store.save("eigendecomposition", _flatten(decomposition), fit.arguments)
+            decomposition = fit.eigendecomposition(covariance)
             for name in layers:
                 layers[name].update(covariance[name])
                 layers[name].update(decomposition[name])

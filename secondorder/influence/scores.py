@@ -19,10 +19,17 @@ language models), the scale of the paper's figures.
 **Cost.** The query gradients of one query batch are preconditioned once (optionally
 compressed to rank ``k`` per layer by an SVD, Grosse et al. 2023 §3.2); one pass over the
 training data then scores all of them. Training gradients exist one batch at a time.
+
+**Ranks.** Under ``torch.distributed`` (``distributor=``, as for
+:func:`~secondorder.influence.factors.fit_factors`) every rank scores a contiguous shard of the
+training examples against every query; two all-gathers per result (the shapes, then the values
+in float64) give every rank the whole result in the caller's order.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,15 +37,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secondorder.distributed.distributor import Distributor
 from secondorder.influence.collect import (
     LayerRecorder,
     LayerRows,
     iterate_batches,
     resolve_indices,
     shard,
-    world,
 )
 from secondorder.influence.factors import InfluenceFactors
+from secondorder.influence.sharding import influence_distributor
 from secondorder.influence.statistics import LayerPreconditioner, per_example_gradients
 from secondorder.influence.task import InfluenceTask
 from secondorder.optimizers.validation import check_int
@@ -52,6 +60,9 @@ __all__ = [
     "low_rank_factors",
     "preconditioned_query_gradients",
 ]
+
+# dtypes a gathered score tensor may have; its index travels with its shape
+_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -158,12 +169,43 @@ def _check_layers(recorder: LayerRecorder, factors: InfluenceFactors) -> None:
         )
 
 
-def _gather(local: Tensor, dim: int) -> Tensor:
-    """Concatenate every rank's ``local`` along ``dim`` in rank order (shapes may differ)."""
-    if world()[1] == 1:
+def _gather(local: Tensor, dim: int, distributor: Distributor) -> Tensor:
+    """Concatenate every rank's ``local`` along ``dim`` in rank order (sizes may differ).
+
+    Each rank is the owner of its own piece: one all-gather of the shapes and dtypes, then one
+    of the values in float64 (lossless for every floating dtype the scores come in). The result
+    has the dtype ``torch.cat`` would give (an empty piece of a rank without examples counts).
+    """
+    if distributor.world_size == 1:
         return local
-    parts: list[Any] = [None] * world()[1]
-    torch.distributed.all_gather_object(parts, local.detach().cpu())
+    if local.dtype not in _SCORE_DTYPES:
+        raise TypeError(f"Invalid scores: dtype {local.dtype} (expected one of {_SCORE_DTYPES})")
+    device = distributor.communication_device()
+    ranks = list(range(distributor.world_size))
+
+    def mine(value: Tensor) -> list[Tensor | None]:
+        return [value if rank == distributor.rank else None for rank in ranks]
+
+    header = torch.tensor(
+        [*local.shape, _SCORE_DTYPES.index(local.dtype)], dtype=torch.float64, device=device
+    )
+    headers = [
+        [int(value) for value in gathered.tolist()]
+        for gathered in distributor.all_gather_values(mine(header), ranks, [header] * len(ranks))
+    ]
+    sizes = [gathered[:-1] for gathered in headers]
+    dtype = functools.reduce(torch.promote_types, [_SCORE_DTYPES[h[-1]] for h in headers])
+    flat = local.detach().reshape(-1).to(device=device, dtype=torch.float64)
+    # only shape, dtype and device of ``like`` are read: zero-stride views allocate nothing
+    like = [
+        torch.zeros((), dtype=torch.float64, device=device).expand(math.prod(size))
+        for size in sizes
+    ]
+    values = distributor.all_gather_values(mine(flat), ranks, like)
+    parts = [
+        value.reshape(size).to(device="cpu", dtype=dtype)
+        for value, size in zip(values, sizes, strict=True)
+    ]
     return _pad_cat(parts, dim)
 
 
@@ -223,6 +265,7 @@ def compute_pairwise_scores(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    distributor: Distributor | torch.distributed.ProcessGroup | bool | None = None,
 ) -> InfluenceScores:
     """Scores of every query against every training example (module docstring).
 
@@ -241,7 +284,8 @@ def compute_pairwise_scores(
             another length).
         low_rank: compress each layer's preconditioned query gradient to this rank (SVD).
         full_svd: exact SVD for the compression (default: randomised, seeded by ``seed``).
-        collate_fn, device, progress: as for ``fit_factors``.
+        collate_fn, device, progress, distributor: as for ``fit_factors`` (every rank
+            scores its shard of the training examples; every rank returns all scores).
 
     Returns:
         :class:`InfluenceScores` with ``scores`` ``(Q, N)``.
@@ -253,7 +297,8 @@ def compute_pairwise_scores(
     queries = resolve_indices(query_dataset, query_indices, "query_indices")
     trains = resolve_indices(train_dataset, train_indices, "train_indices")
     device = None if device is None else torch.device(device)
-    local_trains, _ = shard(trains)
+    distributor = influence_distributor(distributor)
+    local_trains, _ = shard(trains, distributor.rank, distributor.world_size)
     preconditioners = factors.preconditioners(damping)
     generator = torch.Generator().manual_seed(seed)
     totals, layer_totals, token_totals = [], {}, []
@@ -301,13 +346,14 @@ def compute_pairwise_scores(
                 if per_token:
                     batch_tokens.append(tokens.detach().cpu())
             empty = torch.zeros(len(measured_positions), 0)  # a rank without training examples
-            totals.append(_gather(torch.cat(batch_scores or [empty], dim=1), 1))
+            totals.append(_gather(torch.cat(batch_scores or [empty], dim=1), 1, distributor))
             for name, parts in batch_layers.items():
                 layer_totals.setdefault(name, []).append(
-                    _gather(torch.cat(parts or [empty], dim=1), 1)
+                    _gather(torch.cat(parts or [empty], dim=1), 1, distributor)
                 )
             if per_token:
-                token_totals.append(_gather(_pad_cat(batch_tokens or [empty[:, :, None]], 1), 1))
+                local_tokens = _pad_cat(batch_tokens or [empty[:, :, None]], 1)
+                token_totals.append(_gather(local_tokens, 1, distributor))
     return InfluenceScores(
         scores=torch.cat(totals, dim=0),
         train_indices=trains,
@@ -334,6 +380,7 @@ def compute_self_scores(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    distributor: Distributor | torch.distributed.ProcessGroup | bool | None = None,
 ) -> InfluenceScores:
     """Self-influence ``score(m, m) = ⟨(G+λI)⁻¹ ∇L_m, ∇L_m⟩`` of every example (``(N,)``).
 
@@ -343,7 +390,8 @@ def compute_self_scores(
     """
     check_int("batch_size", batch_size, low=1)
     chosen = resolve_indices(dataset, indices, "indices")
-    local, _ = shard(chosen)
+    distributor = influence_distributor(distributor)
+    local, _ = shard(chosen, distributor.rank, distributor.world_size)
     preconditioners = factors.preconditioners(damping)
     device = None if device is None else torch.device(device)
     parts, layer_parts = [], {}
@@ -373,10 +421,11 @@ def compute_self_scores(
             parts.append(total.detach().cpu())
     empty = torch.zeros(0)  # a rank without examples
     per_layer_scores = {
-        name: _gather(torch.cat(layer_parts.get(name, [empty])), 0) for name in names
+        name: _gather(torch.cat(layer_parts.get(name, [empty])), 0, distributor)
+        for name in names
     }
     return InfluenceScores(
-        scores=_gather(torch.cat(parts or [empty]), 0),
+        scores=_gather(torch.cat(parts or [empty]), 0, distributor),
         train_indices=chosen,
         per_layer=per_layer_scores if per_layer else None,
         damping={name: p.damping for name, p in preconditioners.items()},

@@ -45,6 +45,10 @@ def test_single_process_distributor_is_identity():
     out = distributor.all_gather_updates(updates, [0, 0])
     assert out[0] is updates[0] and out[1] is None
     assert distributor.reduce_to_owners(updates, [0, 0])[0] is updates[0]
+    assert distributor.reduce_to_owners(updates, [0, 0], op="sum")[0] is updates[0]
+    with pytest.raises(ValueError, match="op"):
+        distributor.reduce_to_owners(updates, [0, 0], op="max")
+    assert distributor.communication_device() == torch.device("cpu")
     with pytest.raises(ValueError, match="owners"):
         distributor.all_gather_updates(updates, [0])
 
@@ -88,6 +92,10 @@ def _collectives_body(rank: int, world_size: int) -> dict:
     # Statistics: rank-dependent values, mean to the owner.
     stats = [torch.full((2, 2), float(rank + 1)), torch.full((3,), 2.0 * rank), None]
     out["reduced"] = distributor.reduce_to_owners(stats, [1, 1, 0])
+    # Sums of float64 statistics (data-shard sums): exact, float64 kept, one owner each.
+    out["summed"] = distributor.reduce_to_owners(_rank_sums(rank), [0, 1], op="sum")
+    with pytest.raises(ValueError, match="op"):
+        distributor.reduce_to_owners(stats, [1, 1, 0], op="product")
     # Example tensors of uneven length per rank, two dtypes.
     n = 2 + rank
     examples = [
@@ -98,6 +106,15 @@ def _collectives_body(rank: int, world_size: int) -> dict:
     ]
     out["gathered"] = distributor.gather_to_owners(examples, [0, 1, 0, 1])
     return out
+
+
+def _rank_sums(rank: int) -> list[torch.Tensor]:
+    """Rank-dependent float64 statistics (a fixed seed per rank, so the oracle can redo them)."""
+    generator = torch.Generator().manual_seed(10 + rank)
+    return [
+        torch.randn(3, 3, generator=generator, dtype=torch.float64),
+        torch.randn(5, generator=generator, dtype=torch.float64) * 1e-8,
+    ]
 
 
 def test_flat_collectives_on_two_ranks():
@@ -124,6 +141,11 @@ def test_flat_collectives_on_two_ranks():
             assert reduced[2] is None
         else:
             assert reduced[0] is None and reduced[1] is None and reduced[2] is None
+        summed = out["summed"]
+        expected = [a + b for a, b in zip(_rank_sums(0), _rank_sums(1), strict=True)]
+        assert summed[1 - rank] is None
+        assert summed[rank].dtype == torch.float64
+        torch.testing.assert_close(summed[rank], expected[rank], rtol=0, atol=0)
         gathered = out["gathered"]
         if rank == 0:
             torch.testing.assert_close(
