@@ -10,6 +10,14 @@ the checkpoint holds every block once, written by its owner. Keys replicated on 
 assumes that a plain tensor saved under one key by several ranks is replicated,
 pytorch/pytorch#120356: that is why owned state never shares a key across ranks.)
 
+Why block-unique plain keys and not DTensor state (DESIGN.md asked for DTensor): a DTensor
+``Shard(0)`` over a block axis needs ``torch.chunk``-shaped shares (DCP computes every chunk's
+offset that way), which a cost-balanced assignment does not produce; a ``Replicate`` DTensor
+on a one-rank mesh per owner saves exactly what a unique key saves, at the price of one
+process group per rank and a ``state_dict()`` that cannot be read without a process group.
+distributed_shampoo's own state dict uses plain per-block keys too (``block_3``;
+``rank_3-block_0`` for FSDP).
+
 Loading at any world size works because DCP loads *into* a template: a fresh optimizer is
 stepped once with zero gradients at ``lr = 0`` by ``get_optimizer_state_dict`` (DCP's
 ``_init_optim_state``), which allocates exactly the blocks this rank owns under the *new*

@@ -120,7 +120,7 @@ class Shampoo(SecondOrderOptimizer):
     the same optimizer still use the distributor). This is Shampoo with every parameter also
     split at the shard boundaries: it equals single-process Shampoo whose
     ``max_preconditioner_dim`` cuts the parameters at those boundaries (tested), and it
-    differs from an unsharded run otherwise, as distributed_shampoo's FSDP mode does.
+    differs from an unsharded run otherwise, like distributed_shampoo's default FSDP2 mode.
     Block state is keyed by the shard (``"shard@8,0:8x6_block_0"``: global offset and local
     shape), so DCP checkpoints resume at the same world size and refuse other shard
     boundaries with a clear error.
