@@ -55,7 +55,9 @@ class _Scalars:
             self.writer.close()
 
 
-def run_one(task: Task, workload: str, name: str, seed: int, log_dir: str | None) -> dict[str, Any]:
+def run_one(
+    task: Task, workload: str, name: str, seed: int, log_dir: str | None, quick: bool = True
+) -> dict[str, Any]:
     """Train entry ``name`` on ``task``; returns the run's record (see ``race.json``).
 
     The model is built after ``torch.manual_seed(seed)`` and batches come from a generator
@@ -65,7 +67,7 @@ def run_one(task: Task, workload: str, name: str, seed: int, log_dir: str | None
     entry = REGISTRY[name]
     torch.manual_seed(seed)
     model = task.make_model()
-    optimizer = build_optimizer(name, model, workload)
+    optimizer = build_optimizer(name, model, workload, quick=quick)
     scheduler = None
     if entry.schedule:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -78,7 +80,7 @@ def run_one(task: Task, workload: str, name: str, seed: int, log_dir: str | None
         "optimizer": name,
         "workload": workload,
         "status": "ok",
-        "hyperparameters": {k: repr(v) for k, v in entry.kwargs_for(workload).items()},
+        "hyperparameters": {k: repr(v) for k, v in entry.kwargs_for(workload, quick).items()},
         "batch_loss": [],
         "evals": [],
     }
@@ -208,7 +210,7 @@ def race(
                 continue
             log_dir = os.path.join(out, "tensorboard", workload, name) if tensorboard else None
             try:
-                runs[name] = run_one(task, workload, name, seed, log_dir)
+                runs[name] = run_one(task, workload, name, seed, log_dir, quick)
             except (EntryUnavailable, ImportError) as error:
                 result["skipped"][name] = str(error)
                 print(f"  skipping {name}: {error}", flush=True)

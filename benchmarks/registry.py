@@ -12,7 +12,9 @@ Adding an optimizer is one ``register(RaceEntry(...))`` call at the bottom of th
   optimizer that is missing (not written yet, peer package not installed) is skipped by the
   race with a printed note instead of breaking it (:class:`EntryUnavailable`).
 * ``hyper`` maps a workload name (or ``"*"`` for every workload) to constructor keyword
-  arguments; a workload's own dict updates the ``"*"`` one. ``build`` may replace all of
+  arguments; a workload's own dict updates the ``"*"`` one, and ``"<workload>/full"``
+  updates that for full-size runs (the quick race's smaller models often want another
+  lr). ``build`` may replace all of
   this with a custom ``build(model, workload, **overrides) -> Optimizer`` (raise
   :class:`EntryUnavailable` from it when a package is missing).
 * ``closure=True`` marks closure-driven optimizers (exact Gauss-Newton, SANIA). The race then
@@ -83,9 +85,11 @@ class RaceEntry:
     skip_workloads: dict[str, str] = field(default_factory=dict)
     note: str = ""
 
-    def kwargs_for(self, workload: str) -> dict[str, Any]:
-        """Constructor keyword arguments for ``workload`` (``"*"`` then the workload's own)."""
-        return {**self.hyper.get("*", {}), **self.hyper.get(workload, {})}
+    def kwargs_for(self, workload: str, quick: bool = True) -> dict[str, Any]:
+        """Constructor keyword arguments for ``workload``: ``"*"``, then the workload's own,
+        then (full-size runs only, ``quick=False``) those under ``"<workload>/full"``."""
+        full = {} if quick else self.hyper.get(f"{workload}/full", {})
+        return {**self.hyper.get("*", {}), **self.hyper.get(workload, {}), **full}
 
 
 REGISTRY: dict[str, RaceEntry] = {}
@@ -112,7 +116,7 @@ def resolve_target(target: str) -> Any:
 
 
 def build_optimizer(
-    name: str, model: nn.Module, workload: str = "*", **overrides: Any
+    name: str, model: nn.Module, workload: str = "*", quick: bool = True, **overrides: Any
 ) -> torch.optim.Optimizer:
     """Build registry entry ``name`` for ``model`` with ``workload``'s hyperparameters.
 
@@ -126,7 +130,7 @@ def build_optimizer(
     if entry.build is not None:
         return entry.build(model, workload, **overrides)
     cls = resolve_target(entry.target)
-    kwargs = {**entry.kwargs_for(workload), **overrides}
+    kwargs = {**entry.kwargs_for(workload, quick), **overrides}
     if entry.pass_model:
         kwargs["model"] = model
     return cls(model.parameters(), **kwargs)
@@ -153,27 +157,31 @@ def default_closure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 register(RaceEntry(
     "AdamW", "torch.optim:AdamW", quick=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), weight_decay=1e-4),
-           "W2": dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.01)},
-    note="the baseline: lr best of {1, 2, 3, 6, 10}e-3 on quick W2, of {1, 2, 3, 10}e-3 on W1",
+           "W2": dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.01),
+           "W2/full": dict(lr=1.5e-3)},
+    note="the baseline: lr best of {1, 2, 3, 6, 10}e-3 on quick W2, of {1, 2, 3, 10}e-3 on W1, "
+         "of {0.6, 1, 1.5, 2, 3}e-3 on full W2 at 200 steps",
 ))
 
 register(RaceEntry(
     "Shampoo", "secondorder:Shampoo", quick=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=1e-4,
                      precondition_frequency=10, grafting="adam"),
-           "W2": dict(lr=8e-3, betas=(0.9, 0.95), weight_decay=0.01)},
+           "W2": dict(lr=8e-3, betas=(0.9, 0.95), weight_decay=0.01),
+           "W2/full": dict(lr=3e-3)},
     frequency_arg="precondition_frequency",
     note="Adam grafting, eigh roots every 10 steps; lr best of {2, 3, 5, 8, 15}e-3 on quick W2, "
-         "of {1, 2, 3, 6}e-3 on W1",
+         "of {1, 2, 3, 6}e-3 on W1, of {2, 3, 5, 8}e-3 on full W2 at 200 steps",
 ))
 register(RaceEntry(
     "Shampoo-SOAP", "secondorder:Shampoo",
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), weight_decay=1e-4, precondition_frequency=10,
                      eigenvalue_correction=True),
-           "W2": dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01)},
+           "W2": dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01),
+           "W2/full": dict(lr=3e-3)},
     frequency_arg="precondition_frequency",
     note="eigenvalue-corrected Shampoo (Adam in the Kronecker eigenbasis), no grafting; "
-         "W2 lr best of {5, 10}e-3",
+         "W2 lr best of {5, 10}e-3, full W2 (200 steps) of {3, 5, 10}e-3",
 ))
 
 

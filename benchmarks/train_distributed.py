@@ -12,7 +12,9 @@ The example to copy. On CPU (gloo) or N GPUs (nccl)::
 
 What it shows:
 
-* ``torch.distributed.init_process_group`` (gloo on CPU, nccl on GPU) and a DDP model;
+* ``torch.distributed.init_process_group`` (gloo on CPU, nccl on GPU) and a DDP model, or
+  with ``--fsdp`` FSDP2 (``fully_shard`` on every transformer block, then the root; see the
+  README for what each optimizer preconditions then);
 * the optimizer built by name from the race's registry (``benchmarks/registry.py``), given
   ``distributor=True`` when it accepts one: each rank then owns a cost-balanced share of the
   preconditioner blocks, and one all-gather per step shares the updates (torch optimizers,
@@ -38,6 +40,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.registry import REGISTRY, build_optimizer, resolve_target
@@ -58,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
     parser.add_argument("--communication-dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     if args.optimizer not in REGISTRY:
@@ -81,8 +86,11 @@ def setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
-def make_optimizer(name: str, model: torch.nn.Module, world_size: int, communication_dtype: torch.dtype):
-    """The registry's optimizer for W2, distributed when it takes ``distributor=``."""
+def make_optimizer(
+    name: str, model: torch.nn.Module, world_size: int, communication_dtype: torch.dtype, full: bool = False
+) -> torch.optim.Optimizer:
+    """The registry's optimizer for W2 (its full-size settings with ``full``), distributed when
+    it takes ``distributor=``."""
     entry = REGISTRY[name]
     overrides = {}
     accepts = entry.build is None and "distributor" in inspect.signature(resolve_target(entry.target)).parameters
@@ -90,7 +98,7 @@ def make_optimizer(name: str, model: torch.nn.Module, world_size: int, communica
         from secondorder.distributed import AllGatherDistributor
 
         overrides["distributor"] = AllGatherDistributor(communication_dtype=communication_dtype)
-    return build_optimizer(name, model, "W2", **overrides)
+    return build_optimizer(name, model, "W2", quick=not full, **overrides)
 
 
 def newest_checkpoint(root: str) -> tuple[str, int] | None:
@@ -115,8 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"Invalid --batch: at most {task.meta['batch']} sequences per rank for this model size")
     torch.manual_seed(args.seed)
     model = task.make_model().to(device)
-    optimizer = make_optimizer(args.optimizer, model, world_size, getattr(torch, args.communication_dtype))
-    wrapped = DistributedDataParallel(model) if world_size > 1 else model
+    sharded = args.fsdp and world_size > 1
+    if sharded:  # before the optimizer is built: it must see the sharded (DTensor) parameters
+        mesh = init_device_mesh(device.type, (world_size,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = make_optimizer(
+        args.optimizer, model, world_size, getattr(torch, args.communication_dtype), args.full
+    )
+    wrapped = DistributedDataParallel(model) if world_size > 1 and not sharded else model
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     start = 0
@@ -154,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             writer.add_scalar("train/loss", float(loss), step + 1)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step + 1)
             writer.add_scalar("train/step_seconds", elapsed, step + 1)
-        if rank == 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        evaluating = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
+        # An FSDP2 forward is collective: every rank evaluates (rank 0 reports).
+        if evaluating and (rank == 0 or sharded):
             metrics = evaluate(model, task) if device.type == "cpu" else {}
+        if evaluating and rank == 0:
             for key, value in metrics.items():
                 writer.add_scalar(f"eval/{key}", value, step + 1)
             print(

@@ -65,3 +65,13 @@ def test_resume_continues_the_same_run(tmp_path):
     resumed = _run(tmp_path, "--resume")
     assert "resumed from" in resumed and "at step 3" in resumed
     assert _final_loss(resumed) == _final_loss(first)
+
+
+@pytest.mark.parametrize("optimizer", ["Shampoo", "EKFAC"])
+def test_fsdp_resume_continues_the_same_run(tmp_path, optimizer):
+    """FSDP2 under torchrun: Shampoo on local shards, EK-FAC on gathered layers; both resume."""
+    first = _run(tmp_path, "--fsdp", "--optimizer", optimizer)
+    shutil.rmtree(tmp_path / "ckpt" / "step_6")
+    resumed = _run(tmp_path, "--fsdp", "--optimizer", optimizer, "--resume")
+    assert "resumed from" in resumed and "at step 3" in resumed
+    assert _final_loss(resumed) == _final_loss(first)
