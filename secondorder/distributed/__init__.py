@@ -4,6 +4,9 @@
 * :mod:`~secondorder.distributed.distributor` — owner assignment and the per-step
   collectives (:class:`Distributor` for one process, :class:`AllGatherDistributor` for
   ``torchrun`` data parallelism);
+* :mod:`~secondorder.distributed.ownership` — layer ownership for the capture-based optimizers;
+* :mod:`~secondorder.distributed.full_view` / :mod:`~secondorder.distributed.sharding` —
+  FSDP2 (DTensor) parameters: full views for layer optimizers, per-shard state for Shampoo;
 * :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding.
 
 Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distributor`)::
