@@ -94,8 +94,14 @@ class Shampoo(SecondOrderOptimizer):
         dampening: momentum dampening ``d ∈ [0, 1)``.
         nesterov: Nesterov form of the momentum.
         precondition_frequency: ``f ≥ 1``, steps between root recomputations.
-        start_preconditioning_step: first step with a Shampoo direction (default ``f``;
-            ``math.inf`` never preconditions, which with grafting is the graft method itself).
+        start_preconditioning_step: first step with a Shampoo direction (default ``f``, and
+            1 in the eigenvalue-corrected mode; ``math.inf`` never preconditions, which with
+            grafting is the graft method itself). SOAP mode computes its first bases at this
+            step, so ``Λ`` is accumulated in an eigenbasis from the start, as in SOAP
+            (Vyas et al. 2024). A later start carries ``Λ``, gathered in the identity basis,
+            into unrelated eigen-directions: entries that were zero (e.g. embedding rows not
+            yet seen) then sit under large eigenvalues with an ``ε``-sized denominator, and on
+            the race's transformer the first refresh blew the token embedding up 14-fold.
         max_preconditioner_dim: largest factor dimension ``b`` (int ≥ 1 or ``math.inf``).
         grafting: ``"adam"`` (default), ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or ``"none"``.
         graft_beta2: second-moment EMA rate of the rmsprop/adam graft.
@@ -176,7 +182,7 @@ class Shampoo(SecondOrderOptimizer):
             raise ValueError("Invalid nesterov: Nesterov momentum needs momentum > 0")
         check_int("precondition_frequency", precondition_frequency, low=1)
         if start_preconditioning_step is None:
-            start_preconditioning_step = precondition_frequency
+            start_preconditioning_step = 1 if eigenvalue_correction else precondition_frequency
         check_int("start_preconditioning_step", start_preconditioning_step, low=1, allow_inf=True)
         check_int("max_preconditioner_dim", max_preconditioner_dim, low=1, allow_inf=True)
         check_choice("grafting", grafting, GRAFTING_KINDS)

@@ -366,3 +366,32 @@ def test_warns_nothing_in_normal_training():
     with warnings.catch_warnings():
         warnings.simplefilter("error", NumericalWarning)
         train(lambda p: Shampoo(p, precondition_frequency=2), steps=10)
+
+
+def test_soap_mode_first_basis_refresh_keeps_step_size_with_unseen_rows():
+    """Embedding-like gradients (rows 16.. never seen): SOAP computes its first bases at step 1
+    by default, so the refresh at step f does not put zero Λ entries (accumulated in the
+    identity basis) under the largest eigen-directions. With the bases first computed at step
+    f the step-f update was 3.4× the previous one (14× the embedding's norm on the race's
+    transformer)."""
+
+    def update_norms(**options) -> list[float]:
+        torch.manual_seed(0)
+        weight = nn.Parameter(torch.randn(32, 8))
+        optimizer = Shampoo([weight], lr=1.0, betas=(0.9, 0.95), eigenvalue_correction=True,
+                            precondition_frequency=5, weight_decay=0.0, **options)
+        norms = []
+        for t in range(8):
+            grad = torch.zeros(32, 8)
+            rows = torch.arange(16) if t == 0 else torch.randperm(16)[:6]
+            grad[rows] = torch.randn(len(rows), 8)
+            weight.grad = grad
+            before = weight.detach().clone()
+            optimizer.step()
+            norms.append(float((weight.detach() - before).norm()))
+        return norms
+
+    default = update_norms()
+    assert default[4] < 1.5 * default[3], default
+    late = update_norms(start_preconditioning_step=5)  # the trap the default avoids
+    assert late[4] > 2.5 * late[3], late
