@@ -181,7 +181,8 @@ register(RaceEntry(
            "W2/full": dict(lr=3e-3)},
     frequency_arg="precondition_frequency",
     note="eigenvalue-corrected Shampoo (Adam in the Kronecker eigenbasis), no grafting; "
-         "W2 lr best of {5, 10}e-3, full W2 (200 steps) of {3, 5, 10}e-3",
+         "W2 lr best of {5, 10}e-3, full W2 (200 steps) of {3, 5, 10}e-3 (both swept before the "
+         "SOAP mode computed its first bases at step 1; not re-tuned since)",
 ))
 
 
