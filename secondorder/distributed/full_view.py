@@ -35,13 +35,13 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from secondorder.distributed.collectives import all_gather_flat
 from secondorder.distributed.distributor import Distributor
 
-__all__ = ["full_view", "sharded_params"]
+__all__ = ["full_view", "dtensor_params"]
 
 Swap = Callable[[Mapping[int, Tensor]], None]
 """Replaces, wherever it keeps them, each tensor ``t`` with ``id(t)`` in the mapping by its value."""
 
 
-def sharded_params(optimizer: torch.optim.Optimizer) -> list[DTensor]:
+def dtensor_params(optimizer: torch.optim.Optimizer) -> list[DTensor]:
     """The DTensor parameters of ``optimizer``'s param groups (first occurrence order)."""
     seen: set[int] = set()
     result = []
@@ -76,7 +76,7 @@ def full_view(
         ValueError: DTensor parameters sharded over more than one rank with a single-process
             ``distributor``.
     """
-    params = sharded_params(optimizer)
+    params = dtensor_params(optimizer)
     if not params:
         yield {}
         return

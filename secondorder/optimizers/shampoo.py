@@ -207,6 +207,7 @@ class Shampoo(SecondOrderOptimizer):
         self.distributor = resolve_distributor(distributor)
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
+        self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
 
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -227,7 +228,8 @@ class Shampoo(SecondOrderOptimizer):
         )
 
     def _ownership(self) -> list[int]:
-        """Owner rank per (param, block) in param_groups order; cost ~ Σ d³ + state bytes.
+        """Owner rank per (param, block) of the replicated params, in param_groups order; cost ~
+        Σ d³ + state bytes. Also refreshes :attr:`_shard_prefixes` (FSDP2 params).
 
         Recomputed only when the parameters or their blocking change (one tuple compare per
         step otherwise).
@@ -236,8 +238,10 @@ class Shampoo(SecondOrderOptimizer):
                           for p in group["params"])
         if signature != self._block_signature:
             # FSDP2 shards are not distributed further: each rank preconditions its own.
+            self._shard_prefixes = {id(p): shard_key_prefix(p) for group in self.param_groups
+                                    for p in group["params"] if is_sharded(p)}
             costs = [sum(d**3 + 4 * d * d for d in shape) + 3 * math.prod(shape)
-                     for group in self.param_groups for p in group["params"] if not is_sharded(p)
+                     for group in self.param_groups for p in group["params"] if id(p) not in self._shard_prefixes
                      for shape in self._layout(p, group).shapes]
             self._block_signature, self._owners = signature, self.distributor.assign(costs)
         return self._owners
@@ -258,7 +262,8 @@ class Shampoo(SecondOrderOptimizer):
         for group in self.param_groups:
             block_jobs = []
             for param in group["params"]:
-                sharded = is_sharded(param)
+                prefix = self._shard_prefixes.get(id(param))
+                sharded = prefix is not None
                 weight = param.to_local() if sharded else param
                 layout = self._layout(weight, group)
                 if not sharded:
@@ -278,9 +283,8 @@ class Shampoo(SecondOrderOptimizer):
                 step = int(state["step"])
                 grad_blocks = layout.blocks(param.grad.to_local() if sharded else param.grad)
                 param_blocks = layout.blocks(weight)
-                prefix = shard_key_prefix(param) if sharded else ""
                 for local_index, (grad_block, param_block) in enumerate(zip(grad_blocks, param_blocks)):
-                    key = f"{prefix}block_{local_index}"
+                    key = f"{prefix or ''}block_{local_index}"
                     if sharded:
                         job = -1 - len(shard_targets)  # negative ids: this rank's shard blocks
                         shard_targets.append((param, weight, group, param_block))
