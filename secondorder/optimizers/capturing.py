@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.distributed.ownership import LayerOwnership
-from secondorder.optimizers.base import SecondOrderOptimizer, group_lr, work_dtype
+from secondorder.optimizers.base import SecondOrderOptimizer, check_lr, group_lr, work_dtype
 from secondorder.optimizers.validation import check_betas, check_choice, check_real
 from secondorder.precond.capture import CapturedLayer, LayerCapture, LayerStats
 from secondorder.precond.diagonal import diagonal_direction, update_second_moment
@@ -121,8 +121,6 @@ class CapturingOptimizer(SecondOrderOptimizer):
 
     def _validate_common(self, group: dict[str, Any]) -> None:
         """Checks of the keys every layer optimizer shares (lr, betas, eps, weight decay)."""
-        from secondorder.optimizers.base import check_lr
-
         check_lr(group["lr"])
         group["betas"] = check_betas("betas", group["betas"])
         check_real("eps", group["eps"], low=0.0, low_inclusive=False)

@@ -425,7 +425,16 @@ class ExactGaussNewton(SecondOrderOptimizer):
         return jacobian_product(lin.outputs, params, vector)
 
     # ------------------------------------------------------------------ step
-    def _closure_step(self, closure: Callable[[], Any]) -> Tensor | None:  # noqa: C901 - one algorithm
+    def _closure_step(self, closure: Callable[[], Any]) -> Tensor | None:
+        """One EGN step under ``torch.compile``-d models too (class docstring).
+
+        Compiled graphs support neither double backward (Jacobian products) nor backward
+        through donated buffers twice, so the closure's forwards run eagerly inside the step.
+        """
+        with torch.compiler.set_stance("force_eager"):
+            return self._gauss_newton_step(closure)
+
+    def _gauss_newton_step(self, closure: Callable[[], Any]) -> Tensor | None:  # noqa: C901 - one algorithm
         """One EGN step; returns the loss at the parameters before the step (class docstring)."""
         self._init_state()
         self._check_model()

@@ -235,6 +235,20 @@ class Shampoo(SecondOrderOptimizer):
                 raise ValueError(f"Invalid state_dict: Shampoo state {key!r} does not fit a parameter of "
                                  f"shape {tuple(param.shape)} (blocks {list(shapes)})")
 
+    def describe(self) -> str:
+        """How each parameter is preconditioned: Kronecker blocks (their shapes) or diagonal."""
+        kronecker, diagonal = [], 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                shapes = self._layout(param, group).shapes
+                if all(self._strategy(tuple(shape), param, group) is None for shape in shapes):
+                    diagonal += 1
+                else:
+                    kronecker.append("x".join(str(d) for d in param.shape) + f"→{len(shapes)} blocks")
+        mode = "eigenvalue-corrected (SOAP)" if self.param_groups[0]["eigenvalue_correction"] else "root inverse"
+        return (f"Shampoo ({mode}): {len(kronecker)} parameters with Kronecker blocks "
+                f"({', '.join(kronecker) or 'none'}); {diagonal} on the graft's diagonal method")
+
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
         return _cached_layout(tuple(param.shape), group["max_preconditioner_dim"])
