@@ -647,7 +647,7 @@ def test_weight_and_bias_in_different_groups_train_with_their_own_lr():
         ({"preconditioner_dtype": torch.int32}, "preconditioner_dtype"),
         ({"init_scale": 0.0}, "init_scale"),
         ({"kfac_like": 1}, "kfac_like"),
-        ({"fallback_betas": (0.9, 1.0)}, "fallback_betas"),
+        ({"betas": (0.9, 1.0)}, "betas"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
