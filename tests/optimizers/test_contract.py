@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from tests.optimizers.registry import REGISTRY, OptimizerSpec, toy_model
+from tests.optimizers.registry import REGISTRY, toy_model
+from tests.optimizers.training import batches, flat, loss_fn, state_tensors, take_step, toy_data
 
 SPECS = {spec.name: spec for spec in REGISTRY}
 
@@ -27,56 +28,6 @@ def specs_for(feature: str):
                       marks=[pytest.mark.skip(reason=spec.skips[feature])] if feature in spec.skips else [])
          for spec in REGISTRY],
     )
-
-
-def toy_data(n: int = 32, dtype=torch.float32, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=generator)
-    y = torch.sin(x[:, :3]) + 0.1 * torch.randn(n, 3, generator=generator)
-    return x.to(dtype), y.to(dtype)
-
-
-def loss_fn(output, target):
-    return nn.functional.mse_loss(output, target)
-
-
-def take_step(spec: OptimizerSpec, optimizer, model, x, y):
-    """One training step the way a user of ``spec`` writes it; returns the loss."""
-    if spec.closure_driven:
-        return optimizer.step(spec.make_closure(model, x, y, loss_fn))
-    optimizer.zero_grad()
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def state_tensors(optimizer):
-    """Every tensor in optimizer.state, keyed by (param position, key path)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    found = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            found[prefix] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(prefix + (key,), item)
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                walk(prefix + (index,), item)
-
-    for index, param in enumerate(params):
-        walk((index,), optimizer.state.get(param, {}))
-    return found
-
-
-def batches(count, n=16):
-    return [toy_data(n, seed=seed) for seed in range(count)]
 
 
 @specs_for("state_dict")
