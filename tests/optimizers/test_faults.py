@@ -24,6 +24,7 @@ import secondorder
 from secondorder.precond.linalg import NumericalWarning
 from tests.optimizers.registry import WHOLE, OptimizerSpec, toy_model
 from tests.optimizers.training import (
+    flat,
     assert_all_finite,
     assert_same_tensors,
     batches,
@@ -269,3 +270,44 @@ def test_nonfinite_fallback_parameter_is_skipped_alone(spec):
         if name != "3.scale":
             torch.testing.assert_close(after[name], reference[name], rtol=1e-6, atol=1e-7, msg=name)
     assert faulty.nonfinite_skips() == 1
+
+
+# ----------------------------------------------- exact Gauss-Newton: a linear-algebra failure
+_LINALG_FUNCTIONS = ("eigh", "eigvalsh", "cholesky", "cholesky_ex", "solve", "solve_ex", "lstsq", "inv",
+                     "inv_ex", "qr", "svd", "lu_factor", "lu_factor_ex", "solve_triangular")
+
+
+@over_specs(lambda spec: spec.cls_name == "ExactGaussNewton")
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_gauss_newton_linalg_failure_is_a_skipped_counted_step(spec, loss, monkeypatch):
+    model = toy_model()
+    optimizer = spec.make(model, loss=loss)
+    x, y = toy_data(16, seed=3)
+    target = y.argmax(dim=1) if loss == "cross_entropy" else y
+    optimizer.step(lambda: (model(x), target))
+    before, state_before = flat(model).clone(), floating_state(optimizer)
+    calls = []
+
+    def failing(name):
+        def fail(*args, **kwargs):
+            calls.append(name)
+            raise torch.linalg.LinAlgError(f"injected failure of torch.linalg.{name}")
+
+        return fail
+
+    for name in _LINALG_FUNCTIONS:
+        monkeypatch.setattr(torch.linalg, name, failing(name))
+    monkeypatch.setattr(torch, "cholesky_solve", failing("cholesky_solve"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step(lambda: (model(x), target))  # never raises
+    monkeypatch.undo()
+    assert calls, "the step used none of the patched linear-algebra functions"
+    assert any(issubclass(w.category, NumericalWarning) for w in caught)
+    assert torch.equal(flat(model), before)
+    assert_same_tensors(state_before, floating_state(optimizer))
+    assert optimizer.nonfinite_skips() + sum(
+        int(s.get("numerical_failures", 0)) for s in optimizer.state.values()) == 1
+    optimizer.step(lambda: (model(x), target))  # and the next step trains again
+    assert not torch.equal(flat(model), before)
+    assert_all_finite(model, optimizer)
