@@ -43,10 +43,10 @@ WHOLE = (slice(None), slice(None))
 class OptimizerSpec:
     """How to build one optimizer for the generic contract tests.
 
-    ``build(params, model, **overrides)`` constructs ``secondorder.<cls_name>`` from ``params``
-    (tensors or param groups) with the entry's ``fixed`` keyword arguments, ``model=model`` for
+    ``build(params, module, **overrides)`` constructs ``secondorder.<cls_name>`` from ``params``
+    (tensors or param groups) with the entry's ``fixed`` keyword arguments, ``model=module`` for
     the entries that take a model (capture optimizers, exact Gauss-Newton) and ``overrides``.
-    ``make(model, **overrides)`` is ``build(model.parameters(), model, **overrides)`` (a small
+    ``make(module, **overrides)`` is ``build(module.parameters(), module, **overrides)`` (a small
     ``nn.Sequential`` of Linear/Tanh layers, float32 unless a test says otherwise).
 
     ``bad_arguments`` lists ``(kwargs, argument_name)`` pairs: building with ``kwargs`` must raise
@@ -98,15 +98,16 @@ class OptimizerSpec:
 
         return getattr(secondorder, self.cls_name)
 
-    def build(self, params: Any, model: nn.Module | None = None, **overrides: Any) -> torch.optim.Optimizer:
+    # positional-only: an override may itself be called ``model`` (a bad-argument case)
+    def build(self, params: Any, module: nn.Module | None = None, /, **overrides: Any) -> torch.optim.Optimizer:
         kwargs = dict(self.fixed)
-        if self.takes_model and model is not None:
-            kwargs["model"] = model
+        if self.takes_model and module is not None:
+            kwargs["model"] = module
         kwargs.update(overrides)
         return self.optimizer_class(params, **kwargs)
 
-    def make(self, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
-        return self.build(model.parameters(), model, **overrides)
+    def make(self, module: nn.Module, /, **overrides: Any) -> torch.optim.Optimizer:
+        return self.build(module.parameters(), module, **overrides)
 
 
 REGISTRY: list[OptimizerSpec] = []
