@@ -458,7 +458,7 @@ def test_gauss_newton_trains_a_compiled_model_like_eager(spec):
         forward = torch.compile(model) if compiled else model
         for x, y in batches(3):
             labels = y.argmax(dim=1)
-            optimizer.step(lambda: (forward(x), labels))
+            optimizer.step(lambda forward=forward, x=x, labels=labels: (forward(x), labels))
         results.append(flat(model))
     assert not torch.equal(results[0], flat(toy_model(seed=4)))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)

@@ -25,10 +25,10 @@ import secondorder
 from secondorder.precond.linalg import NumericalWarning
 from tests.optimizers.registry import WHOLE, OptimizerSpec, toy_model
 from tests.optimizers.training import (
-    flat,
     assert_all_finite,
     assert_same_tensors,
     batches,
+    flat,
     floating_state,
     loss_fn,
     over_specs,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.optimizers.registry import REGISTRY, OptimizerSpec, toy_model
+from tests.optimizers.registry import REGISTRY, OptimizerSpec
 from tests.optimizers.training import (
     assert_all_finite,
     assert_unmodified,
