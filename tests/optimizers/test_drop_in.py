@@ -462,3 +462,34 @@ def test_gauss_newton_trains_a_compiled_model_like_eager(spec):
         results.append(flat(model))
     assert not torch.equal(results[0], flat(toy_model(seed=4)))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def conv_model() -> nn.Module:
+    """Conv2d + Linear, both with biases (issue 13: SINGD refused the split for layer 'conv1')."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+
+
+def conv_batches(count: int):
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randn(16, 1, 6, 6, generator=generator), torch.randn(16, 3, generator=generator))
+            for _ in range(count)]
+
+
+@over_specs()
+def test_conv_weight_bias_split_equals_one_group_and_frozen_biases_stay(spec):
+    def run(groups_of):
+        model = conv_model()
+        optimizer = spec.build(groups_of(model), model)
+        for x, y in conv_batches(3):
+            take_step(spec, optimizer, model, x, y)
+        assert_all_finite(model, optimizer)
+        return model
+
+    one = run(lambda m: list(m.parameters()))
+    split = run(lambda m: [{"params": weights_and_biases(m)[0]}, {"params": weights_and_biases(m)[1]}])
+    torch.testing.assert_close(dict(split.named_parameters()), dict(one.named_parameters()), rtol=1e-5, atol=1e-6)
+    frozen = run(lambda m: [{"params": weights_and_biases(m)[0]}, {"params": weights_and_biases(m)[1], "lr": 0.0}])
+    initial = conv_model()
+    assert torch.equal(flat(weights_and_biases(frozen)[1]), flat(weights_and_biases(initial)[1]))
+    assert not torch.equal(flat(weights_and_biases(frozen)[0]), flat(weights_and_biases(initial)[0]))

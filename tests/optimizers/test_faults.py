@@ -317,3 +317,33 @@ def test_gauss_newton_linalg_failure_is_a_skipped_counted_step(spec, loss, monke
     optimizer.step(lambda: (model(x), target))  # and the next step trains again
     assert not torch.equal(flat(model), before)
     assert_all_finite(model, optimizer)
+
+
+@over_specs(lambda spec: spec.family == "capture")
+def test_nonfinite_conv_gradient_skips_the_conv_layer_only(spec):
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        optimizer = spec.make(model)
+        generator = torch.Generator().manual_seed(5)
+        data = [(torch.randn(16, 1, 6, 6, generator=generator), torch.randn(16, 3, generator=generator))
+                for _ in range(3)]
+        for x, y in data[:2]:
+            take_step(spec, optimizer, model, x, y)
+        return model, optimizer, data[2]
+
+    (faulty_model, faulty, (x, y)), (clean_model, clean, _) = build(), build()
+    conv = faulty_model[0]
+    before, state_before = named_values(faulty_model), floating_state(faulty, [conv.weight, conv.bias])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumericalWarning)
+        fault_step(spec, faulty, faulty_model, x, y, "grad", VALUES["nan"], target=conv.weight)
+    take_step(spec, clean, clean_model, x, y)
+    assert_all_finite(faulty_model, faulty)
+    after, reference = named_values(faulty_model), named_values(clean_model)
+    for name in ("0.weight", "0.bias"):
+        assert torch.equal(after[name], before[name]), f"{name} of the skipped conv layer moved"
+    assert_same_tensors(state_before, floating_state(faulty, [conv.weight, conv.bias]), "state of the conv layer")
+    for name in ("3.weight", "3.bias"):
+        torch.testing.assert_close(after[name], reference[name], rtol=1e-6, atol=1e-7, msg=name)
+        assert not torch.equal(after[name], before[name]), f"{name} did not step"
