@@ -76,7 +76,7 @@ def kronecker_factors(
     """
     dtype = dtype or statistics_dtype(stats.output_grads.dtype)
     count = max(stats.num_positions, 1)
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         g = stats.output_grads.to(dtype).reshape(-1, layer.out_features)
         index = stats.inputs.reshape(-1)
         valid = index >= 0
@@ -98,7 +98,7 @@ def per_example_gradients(
         ``(N, groups, d_out, d_in')``.
     """
     dtype = dtype or statistics_dtype(stats.output_grads.dtype)
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         g = stats.output_grads.to(dtype)
         index = stats.inputs
         onehot = torch.zeros(index.shape + (layer.in_features,), dtype=dtype, device=g.device)
@@ -137,7 +137,7 @@ def eigenvalue_correction(
     """
     dtype = gradient_basis.dtype
     num_examples = max(stats.num_examples, 1)
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         return _embedding_correction(layer, stats, gradient_basis, num_examples)
     a, g = _grouped(stats, layer, dtype)
     a = _rotate_rows(a, activation_basis)

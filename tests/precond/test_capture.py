@@ -211,7 +211,7 @@ def test_identity_matching_frozen_unsupported_and_attention():
         }
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    capture = LayerCapture(model, params)
+    capture = LayerCapture(model, params, kinds=("linear", "conv2d", "embedding"))
     assert [layer.name for layer in capture.layers] == ["head"]
     head = capture.layers[0]
     assert (
