@@ -100,23 +100,23 @@ class CapturePlan:
                     continue
                 use = CapturedLayer(
                     module=module,
-                    name=f"{name}.{slot}" if slot else name,
+                    name=".".join(part for part in (name, slot) if part),
                     kind=kind,
                     weight=weight,
                     bias=bias,
                     slot=slot,
                 )
                 candidates.setdefault(id(weight), []).append(use)
-            for param in module.parameters(recurse=True):
-                if not any(param is p for _, w, b in view.spec.parameters(module) for p in (w, b)):
-                    self.reasons.setdefault(
-                        id(param), f"not a projection weight or bias of {type(module).__name__}"
-                    )
             if kind == "attention" and not module._qkv_same_embed_dim:
                 if module.in_proj_bias is not None:
                     self.reasons.setdefault(
                         id(module.in_proj_bias),
                         "bias shared by separate q/k/v projection weights (not modelled)",
+                    )
+            for param in module.parameters(recurse=True):
+                if not any(param is p for _, w, b in view.spec.parameters(module) for p in (w, b)):
+                    self.reasons.setdefault(
+                        id(param), f"not a projection weight or bias of {type(module).__name__}"
                     )
 
         for weight_id, uses in candidates.items():
