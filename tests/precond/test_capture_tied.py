@@ -1,0 +1,139 @@
+"""Tied weights, describe(), copies and pickling of a model with a capture attached."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from secondorder.precond.capture import KRONECKER_KINDS, LayerCapture
+from secondorder.precond.fisher_diagonal import diagonal_statistics
+from secondorder.precond.kfac import per_example_gradients
+from tests.precond.test_capture_kinds import ce_sum, dense_per_example
+
+
+class TiedLM(nn.Module):
+    """Embedding and lm_head sharing one (V, D) weight, as in GPT-2 / tied Llama."""
+
+    def __init__(self, vocab=7, dim=4, head_bias=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=head_bias)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.lm_head(torch.tanh(self.mix(self.embed(idx))))
+
+
+@pytest.mark.parametrize("head_bias", [False, True])
+@pytest.mark.parametrize("kinds", [KRONECKER_KINDS, ("linear", "layernorm")])
+def test_tied_embedding_and_head_match_the_dense_fisher(head_bias, kinds):
+    """Σ_t g aᵀ over both uses is each example's gradient of the shared weight; so the
+    empirical Fisher built from the captured rows equals the dense one."""
+    torch.manual_seed(0)
+    model = TiedLM(head_bias=head_bias).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both uses modelled: no warning
+        capture = LayerCapture(model, kinds=kinds)
+    shared = capture.layer_for(model.embed.weight)
+    assert shared.name == "lm_head" and shared.kind == "linear"
+    assert capture.describe()["embed.weight"]["status"] == "tracked"
+    assert "all uses" in capture.describe()["embed.weight"]["reason"]
+    x = torch.tensor([[0, 1, 1, 3], [2, 0, 6, 6], [5, 5, 4, 0]])
+    y = torch.randint(0, 7, x.shape)
+    (ce_sum(model(x), y) / x.shape[0]).backward()
+    stats = capture.pop()[shared]
+    assert stats.inputs.shape[1] == 2 * x.shape[1]  # head positions, then embedding positions
+    matrices = per_example_gradients(shared, stats)
+    weight, bias = shared.split_matrix(matrices)
+    params = [model.embed.weight] + ([model.lm_head.bias] if head_bias else [])
+    dense = dense_per_example(model, ce_sum, x, y, params)
+    torch.testing.assert_close(weight, dense[0])
+    if head_bias:
+        torch.testing.assert_close(bias, dense[1])
+    flat = dense[0].reshape(x.shape[0], -1)
+    fisher = flat.T @ flat / x.shape[0]
+    captured = weight.reshape(x.shape[0], -1)
+    torch.testing.assert_close(captured.T @ captured / x.shape[0], fisher)
+    # AdaFisher's diagonals see both uses' positions
+    h, s = diagonal_statistics(shared, stats, torch.float64)
+    assert h.shape == (4 + head_bias,) and s.shape == (7,)
+
+
+def test_tied_weight_that_cannot_be_merged_warns_once_and_names_it():
+    model = TiedLM().double()
+    with pytest.warns(UserWarning, match="'embed.weight'.*'lm_head' \\(linear\\)") as record:
+        capture = LayerCapture(model, kinds=("embedding",))
+    assert len(record) == 1
+    assert capture.layer_for(model.embed.weight).kind == "embedding"
+    assert "not modelled" in capture.describe()["embed.weight"]["reason"]
+
+
+def test_describe_and_untracked_matrices():
+    model = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(5, 4),
+            "norm": nn.LayerNorm(4),
+            "block": nn.Linear(4, 4),
+            "frozen": nn.Linear(4, 4),
+        }
+    )
+    model["frozen"].weight.requires_grad_(False)
+    capture = LayerCapture(model, kinds=("linear", "layernorm"))
+    described = capture.describe()
+    assert described["block.weight"] == {
+        "status": "tracked", "kind": "linear", "layer": "block", "role": "weight",
+        "reason": "", "aliases": [],
+    }
+    assert described["block.bias"]["role"] == "bias"
+    assert described["norm.weight"]["kind"] == "layernorm"
+    assert described["embed.weight"]["status"] == "fallback"
+    assert "'embedding' is not in kinds" in described["embed.weight"]["reason"]
+    assert "frozen" in described["frozen.weight"]["reason"]
+    assert described["frozen.bias"]["status"] == "fallback"
+    assert [name for name, _ in capture.untracked_matrices()] == ["embed.weight"]
+    assert capture.untracked_matrices([model["block"].weight]) == []
+
+
+def _records_nothing(model, capture):
+    model(torch.randn(3, 4)).sum().backward()
+    return not capture.has_records()
+
+
+def test_deep_copy_and_pickle_of_a_model_with_a_capture():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    capture = LayerCapture(model)
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    unpickled = pickle.loads(pickle.dumps(model))
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, unpickled, loaded):
+        other(torch.randn(3, 4)).sum().backward()  # its inert hooks record nothing anywhere
+        assert not capture.has_records()
+    # a copy of model and capture together: the copied capture is inert too
+    model_copy, capture_copy = copy.deepcopy((model, capture))
+    assert _records_nothing(model_copy, capture_copy) and not capture.has_records()
+    model(torch.randn(5, 4)).sum().backward()
+    assert capture.pop()[capture.layers[0]].num_examples == 5
+    # a fresh capture on the copy works
+    fresh = LayerCapture(clone)
+    clone(torch.randn(2, 4)).sum().backward()
+    assert fresh.pop()[fresh.layers[0]].num_examples == 2
+
+
+def test_pickle_of_attention_model_with_capture():
+    model = nn.MultiheadAttention(4, 2, batch_first=True, dropout=0.1)
+    capture = LayerCapture(model)
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 3, 4)
+    clone(x, x, x)[0].sum().backward()
+    assert not capture.has_records()
