@@ -109,6 +109,30 @@ def per_example_gradients(
     return torch.einsum("ntgo,ntgi->ngoi", g, a)
 
 
+def batch_gradient(layer: CapturedLayer, stats: LayerStats) -> Tensor:
+    """``Σ_n G_n = Σ_{n,t} g_{n,t} ā_{n,t}ᵀ``: the window's gradient rebuilt from the rows.
+
+    Equals ``layer.gradient_matrix(weight.grad, bias.grad)`` (times ``1/N`` for a mean loss)
+    when nothing else touched ``.grad`` (all uses of a tied weight included); a mismatch by a
+    power of two is a loss scale (AMP). Dense and embedding families.
+
+    Returns:
+        ``(groups, d_out, d_in')`` in :func:`statistics_dtype` of the gradients.
+    """
+    dtype = statistics_dtype(stats.output_grads.dtype)
+    if layer.family == "embedding":
+        g = stats.output_grads.to(dtype).reshape(-1, layer.out_features)
+        index = stats.inputs.reshape(-1)
+        valid = index >= 0
+        total = torch.zeros(layer.in_features, layer.out_features, dtype=dtype, device=g.device)
+        total.index_add_(0, index[valid], g[valid])
+        return total.transpose(0, 1).unsqueeze(0)
+    if layer.family != "dense":
+        raise ValueError(f"Invalid layer: kind {layer.kind!r} has no gradient matrix")
+    a, g = _grouped(stats, layer, dtype)
+    return torch.einsum("ntgo,ntgi->goi", g, a)
+
+
 def _rotate_rows(rows: Tensor, basis: Tensor | None) -> Tensor:
     """``rows (N, T, groups, d) @ basis (groups, d, d)`` per group (identity when ``None``)."""
     if basis is None:

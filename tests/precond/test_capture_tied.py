@@ -137,3 +137,26 @@ def test_pickle_of_attention_model_with_capture():
     x = torch.randn(2, 3, 4)
     clone(x, x, x)[0].sum().backward()
     assert not capture.has_records()
+
+
+@pytest.mark.parametrize("model_name", ["tied", "conv1d", "attention"])
+def test_batch_gradient_equals_grad(model_name):
+    """What an optimizer compares with .grad to detect a loss scale: exact for every kind."""
+    from secondorder.precond.kfac import batch_gradient
+
+    torch.manual_seed(2)
+    if model_name == "tied":
+        model, x = TiedLM(head_bias=True).double(), torch.randint(0, 7, (3, 5))
+        loss = lambda: ce_sum(model(x), x)  # noqa: E731
+    elif model_name == "conv1d":
+        model = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(12, 2))
+        model, x = model.double(), torch.randn(3, 2, 5, dtype=torch.float64)
+        loss = lambda: model(x).pow(2).sum()  # noqa: E731
+    else:
+        model, x = nn.MultiheadAttention(4, 2).double(), torch.randn(5, 3, 4, dtype=torch.float64)
+        loss = lambda: model(x, x, x)[0].pow(2).sum()  # noqa: E731
+    capture = LayerCapture(model, loss_reduction="sum")
+    loss().backward()
+    for layer, stats in capture.pop().items():
+        expected = layer.gradient_matrix(layer.weight.grad, None if layer.bias is None else layer.bias.grad)
+        torch.testing.assert_close(batch_gradient(layer, stats), expected)
