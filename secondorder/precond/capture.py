@@ -110,7 +110,6 @@ from secondorder.precond.capture_layers import (
     NORM_KINDS,
     CapturedLayer,
     LayerKind,
-    layer_kind,
     module_kind,
     register_layer_kind,
     registered_kinds,

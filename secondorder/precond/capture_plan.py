@@ -119,7 +119,7 @@ class CapturePlan:
                         id(param), f"not a projection weight or bias of {type(module).__name__}"
                     )
 
-        for weight_id, uses in candidates.items():
+        for uses in candidates.values():
             self._plan_weight(uses, param_ids)
         order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
         self.layers.sort(key=lambda layer: (order.get(id(layer.module), 0), layer.name))

@@ -10,7 +10,7 @@ from torch import nn
 
 from secondorder.precond.capture import LayerCapture
 from secondorder.precond.kfac import kronecker_factors, per_example_gradients
-from tests.precond.test_capture_kinds import check_capture, ce_sum
+from tests.precond.test_capture_kinds import ce_sum, check_capture
 
 
 class AttentionModel(nn.Module):

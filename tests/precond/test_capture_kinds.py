@@ -239,9 +239,9 @@ def test_half_precision_scaling_is_float32():
     reference.load_state_dict(model.state_dict())
     x = torch.randn(16, 4).half()
     captures = [LayerCapture(m) for m in (model, reference)]
-    for m, capture in zip((model, reference), captures, strict=True):
+    for m in (model, reference):
         (m(x.to(m[0].weight.dtype)).float().pow(2).sum() * 8.0).backward()
-    scale = 2.0**-10  # as if a GradScaler had scaled the loss by 1/1024 · ...: N/scale = 16384
+    scale = 2.0**-10  # N / grad_scale = 16384
     half_stats = captures[0].pop(grad_scale=scale)[captures[0].layers[0]]
     exact = captures[1].pop(grad_scale=scale)[captures[1].layers[0]]
     assert half_stats.output_grads.dtype == torch.float32
