@@ -95,10 +95,11 @@ def test_sequence_first_with_masks_and_used_weights():
     check_capture(model, x, y, expect=["attention", "attention", "linear"])
 
 
-def test_dropout_is_replayed_exactly():
+@pytest.mark.parametrize("cross", [False, True])  # need_weights True / False (SDPA's dropout)
+def test_dropout_is_replayed_exactly(cross):
     """In training mode with dropout, Σ_n Σ_t g aᵀ must equal .grad (same dropout mask)."""
     torch.manual_seed(2)
-    model = AttentionModel(batch_first=True, dropout=0.5).double().train()
+    model = AttentionModel(batch_first=True, dropout=0.5, cross=cross).double().train()
     capture = LayerCapture(model, loss_reduction="sum")
     x, y = _inputs(True)
     ce_sum(model(x), y).backward()
@@ -108,6 +109,28 @@ def test_dropout_is_replayed_exactly():
         weight, bias = layer.split_matrix(total)
         torch.testing.assert_close(weight, layer.weight.grad)
         torch.testing.assert_close(bias, layer.bias.grad)
+
+
+def test_key_padding_mask():
+    torch.manual_seed(5)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+            padding[:, -1] = True  # the last key of every sequence is padding
+            out, _ = self.attention(x, x, x, key_padding_mask=padding, need_weights=False)
+            return self.head(out)
+
+    model = Model().double()
+    x, y = _inputs(True)
+    _, stats = check_capture(model, x, y, expect=["attention", "attention", "linear"])
+    in_proj = next(layer for layer in stats if layer.name == "attention.in_proj")
+    assert torch.all(stats[in_proj].output_grads[:, -1, 1] == 0)  # padded key: no gradient
 
 
 class ExplicitAttention(nn.Module):

@@ -66,6 +66,24 @@ def test_tied_embedding_and_head_match_the_dense_fisher(head_bias, kinds):
     assert h.shape == (4 + head_bias,) and s.shape == (7,)
 
 
+def test_layers_sharing_weight_and_bias_across_modules():
+    """ALBERT-style sharing: two nn.Linear modules holding the same weight and bias."""
+    torch.manual_seed(3)
+    first, second, head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+    second.weight, second.bias = first.weight, first.bias
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), head).double()
+    capture = LayerCapture(model)
+    assert [layer.name for layer in capture.layers] == ["0", "4"]
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    (ce_sum(model(x), y) / 5).backward()
+    stats = capture.pop()
+    shared = capture.layers[0]
+    weight, bias = shared.split_matrix(per_example_gradients(shared, stats[shared]))
+    dense = dense_per_example(model, ce_sum, x, y, [first.weight, first.bias])
+    torch.testing.assert_close(weight, dense[0])
+    torch.testing.assert_close(bias, dense[1])
+
+
 def test_tied_weight_that_cannot_be_merged_warns_once_and_names_it():
     model = TiedLM().double()
     with pytest.warns(UserWarning, match="'embed.weight'.*'lm_head' \\(linear\\)") as record:
