@@ -218,10 +218,7 @@ class _CallHook:
         if not self._active(module, args):
             return
         random_state, self.random_state = self.random_state, None
-        if random_state is not None:
-            recorded = self.kind.record(module, args, kwargs, output, random_state)
-        else:
-            recorded = self.kind.record(module, args, kwargs, output)
+        recorded = self.kind.record(module, args, kwargs, output, random_state)
         if recorded is None:
             return
         payload, tensors = recorded
@@ -312,7 +309,7 @@ class LayerCapture:
                     hook = _CallHook(self, module, use.layer.spec)
                     hooked[id(module)] = hook
                     self._targets[id(module)] = []
-                    if getattr(use.layer.spec, "needs_random_state", False):
+                    if use.layer.spec.needs_random_state:
                         self._handles.append(
                             module.register_forward_pre_hook(hook.before, with_kwargs=True)
                         )

@@ -103,12 +103,6 @@ class AttentionKind(LayerKind):
         call["random_state"] = random_state
         return call, tensors
 
-    def batch_size(self, module: nn.Module, payload: dict) -> int:
-        query = payload["query"]
-        if query.dim() == 2:
-            return 1
-        return int(query.shape[0] if module.batch_first else query.shape[1])
-
     def rows(self, layer, payload, grads, cache):
         if "rows" not in cache:
             cache["rows"] = _projection_rows(layer.module, payload, grads)

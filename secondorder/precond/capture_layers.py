@@ -81,16 +81,29 @@ class LayerKind:
     """How the capture reads one kind of module: the protocol a user kind implements.
 
     Subclass, set :attr:`name` and :attr:`family`, implement :meth:`matches`,
-    :meth:`in_features`, :meth:`out_features`, :meth:`inputs` and (if the output gradient is
-    not simply ``(N, T, d_out)``) :meth:`output_grads`; override :meth:`weight_to_matrix` /
-    :meth:`matrix_to_weight` when the weight is not stored as ``(groups·d_out, d_in…)``.
-    Register with :func:`register_layer_kind`. Test it with
-    ``tests/precond/test_capture_kinds.py``'s dense per-example check.
+    :meth:`in_features`, :meth:`out_features` and :meth:`inputs`; override the rest only when
+    the defaults do not fit:
 
-    The capture calls, per forward call of a matched module, :meth:`record` (at forward time;
-    keep references only) and, at :meth:`~secondorder.precond.capture.LayerCapture.pop`,
-    :meth:`rows`. The bias (when tracked) becomes the ones column of ``a`` (dense family)
-    automatically: :meth:`inputs` returns rows *without* it.
+    * ``a`` and ``g`` of one call: :meth:`record` keeps the first positional input and asks
+      for the output's gradient; at :meth:`~secondorder.precond.capture.LayerCapture.pop`,
+      :meth:`rows` turns them into ``a = inputs(x)`` ``(N, T, d_in)`` and
+      ``g = output_grads(∂loss/∂output)`` ``(N, T, d_out)`` (dim 0 = examples; every other
+      leading dim a position), such that the weight gradient of example ``n`` is
+      ``Σ_t g[n, t] a[n, t]ᵀ`` in the gradient-matrix layout. Grouped layers return
+      ``(N, T, groups, ·)``. Override :meth:`rows` (and :meth:`record`) when ``a`` or ``g``
+      must be recomputed (see :mod:`secondorder.precond.capture_attention`).
+    * The weight layout: :meth:`weight_to_matrix` maps a weight-shaped tensor to
+      ``(groups, d_out, d_in)`` (default: ``reshape``, right for weights stored
+      ``(groups·d_out, d_in…)``); :meth:`matrix_to_weight` is its inverse.
+    * The bias: :meth:`parameters` names it (default ``module.bias``); when tracked it is the
+      ones column appended to ``a`` by the capture and the last column of the gradient matrix,
+      reshaped ``(groups, d_out, 1)``: :meth:`inputs` returns rows *without* it.
+    * Elementwise family (a weight multiplying a normalised input): :meth:`inputs` returns the
+      raw input ``(N, T, C)`` and :meth:`normalised_input` the ``x̂`` the weight multiplies.
+
+    Register with :func:`register_layer_kind` and list the name in ``kinds=``. Check a new kind
+    as tests/precond/test_capture_kinds.py does: its per-example ``Σ_t g aᵀ``, laid out by
+    :meth:`CapturedLayer.split_matrix`, must equal dense per-example gradients.
     """
 
     name: str = ""
@@ -125,10 +138,20 @@ class LayerKind:
         """``d_out`` per group."""
         raise NotImplementedError
 
-    def record(self, module: nn.Module, args: tuple, kwargs: dict, output) -> tuple | None:
+    needs_random_state: bool = False
+    """Whether :meth:`random_state` must be taken before each call (a forward pre-hook)."""
+
+    def random_state(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Generator state before a call, for kinds that replay random ops at :meth:`rows`."""
+        return None
+
+    def record(
+        self, module: nn.Module, args: tuple, kwargs: dict, output, random_state=None
+    ) -> tuple | None:
         """``(payload, tensors whose gradient to receive)`` for one call, or ``None`` to skip.
 
-        Default: the first positional input, and the output.
+        Keep references only, detached (a tensor payload is detached for you); the work
+        belongs in :meth:`rows`. Default: the first positional input, and the output.
         """
         if not args or not isinstance(output, Tensor):
             return None
