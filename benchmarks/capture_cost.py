@@ -99,32 +99,39 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for explicit in (False, True):
         for tied in (False, True):
-            torch.manual_seed(0)
-            model = LM(args.width, args.layers, args.length, explicit, tied)
+            print(_row(args, idx, explicit, tied))
 
-            def train_step():
-                model.zero_grad(set_to_none=True)
-                logits = model(idx)
-                F.cross_entropy(logits.reshape(-1, VOCAB), idx.reshape(-1)).backward()
 
-            train_step()
-            bare = _median_ms(train_step, args.repeats)
-            capture = LayerCapture(model, kinds=KINDS)
-            described = capture.describe()
-            tracked = sum(d["status"] == "tracked" for d in described.values())
-            recording = _median_ms(lambda: (capture.clear(), train_step()), args.repeats)
-            pops = []
-            for _ in range(args.repeats):
-                capture.clear()
-                train_step()
-                start = time.perf_counter()
-                capture.pop()
-                pops.append(1e3 * (time.perf_counter() - start))
-            capture.remove()
-            name = ("explicit Linear + SDPA" if explicit else "TransformerEncoderLayer (MHA)")
-            name += ", tied head" if tied else ""
-            print(f"| {name} | {tracked} / {len(described)} | {bare:.1f} | "
-                  f"{recording:.1f} | {statistics.median(pops):.1f} |")
+def _row(args: argparse.Namespace, idx: torch.Tensor, explicit: bool, tied: bool) -> str:
+    """One table row: time one model without, with a capture, and its ``pop``."""
+    torch.manual_seed(0)
+    model = LM(args.width, args.layers, args.length, explicit, tied)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        logits = model(idx)
+        F.cross_entropy(logits.reshape(-1, VOCAB), idx.reshape(-1)).backward()
+
+    train_step()
+    bare = _median_ms(train_step, args.repeats)
+    capture = LayerCapture(model, kinds=KINDS)
+    described = capture.describe()
+    tracked = sum(d["status"] == "tracked" for d in described.values())
+    recording = _median_ms(lambda: (capture.clear(), train_step()), args.repeats)
+    pops = []
+    for _ in range(args.repeats):
+        capture.clear()
+        train_step()
+        start = time.perf_counter()
+        capture.pop()
+        pops.append(1e3 * (time.perf_counter() - start))
+    capture.remove()
+    name = "explicit Linear + SDPA" if explicit else "TransformerEncoderLayer (MHA)"
+    name += ", tied head" if tied else ""
+    return (
+        f"| {name} | {tracked} / {len(described)} | {bare:.1f} | {recording:.1f} | "
+        f"{statistics.median(pops):.1f} |"
+    )
 
 
 if __name__ == "__main__":

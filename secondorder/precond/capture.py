@@ -295,6 +295,7 @@ class LayerCapture:
         self.enabled = True
         self._model = model
         self._pass_id = 0
+        self._shared_input: set[CapturedLayer] = set()  # seen without per-example rows
         # per layer: (use, record) pairs; per hooked module: the lists its calls go to
         self._records: dict[CapturedLayer, list[tuple[TiedUse, _Record]]] = {
             layer: [] for layer in self.layers
@@ -332,16 +333,18 @@ class LayerCapture:
             ``{name: {"status": "tracked" | "fallback", "kind": kind or None, "layer": the
             tracked layer's name or None, "role": "weight" | "bias" | None, "reason": why
             (for fallback parameters and tied weights), "aliases": other names of the same
-            tensor}}`` in ``model.named_parameters()`` order.
+            tensor}}`` in ``model.named_parameters()`` order. A layer seen at :meth:`pop`
+            without per-example rows (a positional embedding broadcast over the batch) is
+            reported as fallback from then on (the optimizers give it the fallback too).
         """
-        return self._plan.describe(self._by_param)
+        return self._plan.describe(self._by_param, self._shared_input)
 
     def untracked_matrices(self, params: Iterable[Tensor] | None = None) -> list[tuple[str, str]]:
         """``[(name, reason)]`` for weight matrices (2-D to 5-D parameters among ``params``,
         default all of the model's) that fall back although Kronecker methods handle such
         tensors; what an optimizer warns about once."""
         wanted = None if params is None else {id(p) for p in params}
-        return self._plan.untracked_matrices(self._by_param, wanted)
+        return self._plan.untracked_matrices(self._by_param, wanted, self._shared_input)
 
     def swap_params(self, mapping: Mapping[int, Tensor]) -> None:
         """Replace tracked parameters: each ``p`` with ``id(p)`` in ``mapping`` by ``mapping[id(p)]``.
@@ -418,11 +421,14 @@ class LayerCapture:
                 pass_sizes[pass_id] = max(pass_sizes.get(pass_id, 0), calls[0][0].shape[0])
             if merged:
                 grouped[layer] = merged
+            elif merged is None:
+                self._shared_input.add(layer)
         total = sum(pass_sizes.values())
         scale = (total if self.loss_reduction == "mean" else 1) / grad_scale
         result: dict[CapturedLayer, LayerStats] = {}
         for layer, merged in grouped.items():
             if any(calls[0][0].shape[0] != pass_sizes[pass_id] for pass_id, calls in merged):
+                self._shared_input.add(layer)
                 continue  # broadcast use (positional embedding on arange(T)): not per-example
             parts = []
             for _, calls in merged:

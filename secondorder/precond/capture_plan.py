@@ -20,6 +20,10 @@ from torch import Tensor, nn
 from secondorder.precond.capture_layers import CapturedLayer, module_kind, unsupported_reason
 
 _MATRIX_DIMS = (2, 3, 4, 5)
+_SHARED_INPUT = (
+    "no per-example gradients: its module was applied to an input shared by all examples and "
+    "broadcast (e.g. positions arange(T)); seen at pop(), left to the fallback"
+)
 
 
 @dataclass(eq=False)
@@ -126,15 +130,19 @@ class CapturePlan:
 
     def _plan_weight(self, uses: list[CapturedLayer], param_ids: set[int]) -> None:
         weight = uses[0].weight
-        if id(weight) not in param_ids:
-            self.reasons[id(weight)] = "not among the parameters given to the capture"
-            return
-        if not weight.requires_grad:
-            self.reasons[id(weight)] = "frozen (requires_grad=False)"
-            return
+        why = None
         enabled = [u for u in uses if u.kind in self.kinds]
-        if not enabled:
-            self.reasons[id(weight)] = f"layer kind {uses[0].kind!r} is not in kinds {self.kinds}"
+        if id(weight) not in param_ids:
+            why = "not among the parameters given to the capture"
+        elif not weight.requires_grad:
+            why = "frozen (requires_grad=False)"
+        elif not enabled:
+            why = f"layer kind {uses[0].kind!r} is not in kinds {self.kinds}"
+        if why is not None:
+            self.reasons[id(weight)] = why
+            for use in uses:  # a bias follows its weight
+                if use.bias is not None:
+                    self.reasons.setdefault(id(use.bias), f"its layer's weight is untracked: {why}")
             return
         owner = next((u for u in enabled if u.family == "dense"), enabled[0])
         if owner.bias is not None and (
@@ -178,12 +186,24 @@ class CapturePlan:
         names = self.names.get(param_id)
         return names[0] if names else "<not a parameter of the model>"
 
-    def describe(self, by_param: dict[int, CapturedLayer]) -> dict[str, dict]:
+    def describe(
+        self, by_param: dict[int, CapturedLayer], shared_input: set[CapturedLayer]
+    ) -> dict[str, dict]:
         """See :meth:`~secondorder.precond.capture.LayerCapture.describe`."""
         result = {}
         for param_id, names in self.names.items():
             layer = by_param.get(param_id)
             param = self.tensors[param_id]
+            if layer in shared_input:
+                result[names[0]] = {
+                    "status": "fallback",
+                    "kind": layer.kind,
+                    "layer": layer.name,
+                    "role": "weight" if param_id == id(layer.weight) else "bias",
+                    "reason": _SHARED_INPUT,
+                    "aliases": names[1:],
+                }
+                continue
             if layer is None:
                 result[names[0]] = {
                     "status": "fallback",
@@ -208,7 +228,10 @@ class CapturePlan:
         return result
 
     def untracked_matrices(
-        self, by_param: dict[int, CapturedLayer], wanted: set[int] | None
+        self,
+        by_param: dict[int, CapturedLayer],
+        wanted: set[int] | None,
+        shared_input: set[CapturedLayer],
     ) -> list[tuple[str, str]]:
         """See :meth:`~secondorder.precond.capture.LayerCapture.untracked_matrices`."""
         found = []
@@ -216,7 +239,11 @@ class CapturePlan:
             param = self.tensors[param_id]
             if wanted is not None and param_id not in wanted:
                 continue
-            if param_id in by_param or param.dim() not in _MATRIX_DIMS or not param.requires_grad:
+            if param.dim() not in _MATRIX_DIMS or not param.requires_grad:
                 continue
-            found.append((names[0], self.reasons.get(param_id, "not a weight of any module")))
+            layer = by_param.get(param_id)
+            if layer in shared_input:
+                found.append((names[0], _SHARED_INPUT))
+            elif layer is None:
+                found.append((names[0], self.reasons.get(param_id, "not a weight of any module")))
         return found

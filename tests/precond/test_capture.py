@@ -253,6 +253,9 @@ def test_broadcast_layer_is_not_reported():
     x = torch.randint(0, 5, (6, 4))
     stats = _run(model, capture, x, x)
     assert {layer.name for layer in stats} == {"tok", "head"}
+    assert capture.describe()["pos.weight"]["status"] == "fallback"
+    assert "broadcast" in capture.describe()["pos.weight"]["reason"]
+    assert [name for name, _ in capture.untracked_matrices()] == ["pos.weight"]
     assert all(s.num_examples == 6 for s in stats.values())
     _check_layers(
         model,

@@ -115,6 +115,7 @@ def test_describe_and_untracked_matrices():
     assert "'embedding' is not in kinds" in described["embed.weight"]["reason"]
     assert "frozen" in described["frozen.weight"]["reason"]
     assert described["frozen.bias"]["status"] == "fallback"
+    assert "frozen" in described["frozen.bias"]["reason"]
     assert [name for name, _ in capture.untracked_matrices()] == ["embed.weight"]
     assert capture.untracked_matrices([model["block"].weight]) == []
 
