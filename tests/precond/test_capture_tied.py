@@ -13,7 +13,12 @@ from torch import nn
 
 from secondorder.precond.capture import KRONECKER_KINDS, LayerCapture
 from secondorder.precond.fisher_diagonal import diagonal_statistics
-from secondorder.precond.kfac import per_example_gradients
+from secondorder.precond.kfac import (
+    KroneckerEigenbasis,
+    eigenvalue_correction,
+    kronecker_factors,
+    per_example_gradients,
+)
 from tests.precond.test_capture_kinds import ce_sum, dense_per_example
 
 
@@ -61,6 +66,18 @@ def test_tied_embedding_and_head_match_the_dense_fisher(head_bias, kinds):
     fisher = flat.T @ flat / x.shape[0]
     captured = weight.reshape(x.shape[0], -1)
     torch.testing.assert_close(captured.T @ captured / x.shape[0], fisher)
+    # EK-FAC's correction from all uses is the dense Fisher's diagonal in the K-FAC basis
+    basis = KroneckerEigenbasis.from_factors(*kronecker_factors(shared, stats))
+    correction = eigenvalue_correction(
+        shared, stats, basis.gradient_basis, basis.activation_basis
+    )
+    rotation = basis.dense_basis()
+    full = torch.cat([dense[0], dense[1].unsqueeze(-1)], -1) if head_bias else dense[0]
+    full = full.reshape(x.shape[0], -1)
+    dense_fisher = full.T @ full / x.shape[0]
+    torch.testing.assert_close(
+        correction.reshape(-1), torch.diagonal(rotation.T @ dense_fisher @ rotation)
+    )
     # AdaFisher's diagonals see both uses' positions
     h, s = diagonal_statistics(shared, stats, torch.float64)
     assert h.shape == (4 + head_bias,) and s.shape == (7,)
@@ -141,6 +158,9 @@ def test_deep_copy_and_pickle_of_a_model_with_a_capture():
     # a copy of model and capture together: the copied capture is inert too
     model_copy, capture_copy = copy.deepcopy((model, capture))
     assert _records_nothing(model_copy, capture_copy) and not capture.has_records()
+    model_copy, capture_copy = pickle.loads(pickle.dumps((model, capture)))
+    assert _records_nothing(model_copy, capture_copy) and not capture.has_records()
+    assert capture_copy.describe() == capture.describe()
     model(torch.randn(5, 4)).sum().backward()
     assert capture.pop()[capture.layers[0]].num_examples == 5
     # a fresh capture on the copy works
