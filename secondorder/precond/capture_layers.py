@@ -243,6 +243,18 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
+def module_parameters(module: nn.Module) -> list[Tensor]:
+    """The weights and biases ``module``'s kind models (attention: every projection's), in
+    slot order; ``[]`` for an unsupported module. What to pass as ``params`` to track it."""
+    kind = module_kind(module)
+    if kind is None:
+        return []
+    found = []
+    for _, weight, bias in layer_kind(kind).parameters(module):
+        found.extend(p for p in (weight, bias) if isinstance(p, Tensor))
+    return found
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a module of a known type is not handled (e.g. reflect padding), else ``None``."""
     for kind in _registry().values():

@@ -199,3 +199,12 @@ def test_batch_gradient_equals_grad(model_name):
     for layer, stats in capture.pop().items():
         expected = layer.gradient_matrix(layer.weight.grad, None if layer.bias is None else layer.bias.grad)
         torch.testing.assert_close(batch_gradient(layer, stats), expected)
+
+
+def test_module_parameters():
+    from secondorder.precond.capture_layers import module_parameters
+
+    attention = nn.MultiheadAttention(4, 2)
+    assert [tuple(p.shape) for p in module_parameters(attention)] == [(12, 4), (12,), (4, 4), (4,)]
+    assert module_parameters(nn.Embedding(3, 2))[0].shape == (3, 2)
+    assert module_parameters(nn.ReLU()) == []
