@@ -251,3 +251,15 @@ def test_half_precision_scaling_is_float32():
     torch.testing.assert_close(
         half_stats.output_grads.double(), exact.output_grads, rtol=2e-2, atol=1e-1
     )
+
+
+def test_transformers_rmsnorms_if_installed():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    torch.manual_seed(8)
+    for norm in (llama.LlamaRMSNorm(5, eps=1e-6), t5.T5LayerNorm(5)):
+        with torch.no_grad():
+            norm.weight.add_(0.3 * torch.randn(5))
+        model = nn.Sequential(nn.Linear(3, 5), norm, nn.Linear(5, 4)).double()
+        x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.randint(0, 4, (4, 2))
+        check_capture(model, x, y, expect=["linear", "rmsnorm", "linear"])
