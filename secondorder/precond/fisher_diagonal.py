@@ -30,8 +30,10 @@ the BatchNorm *input* and reduces LayerNorm over every dim but dim 1 (adafisher.
 model the normalised input the affine parameters actually multiply. It also ignores conv
 dilation; we do not.
 
-Layout (:func:`fisher_diagonal`): ``F̃_W`` has the weight's shape (``F̃_W[o, i] = H[i]S[o] + λ``,
-conv weight flattened as ``(C_out, C_in/groups·kh·kw)``, embedding ``F̃[v, d] = H[v]S[d]``), the
+Layout (:func:`fisher_diagonal`): ``F̃_W`` has the weight's shape (``F̃_W[o, i] = H[i]S[o] + λ``
+in the gradient-matrix layout, mapped back by the layer kind: conv weight flattened as
+``(C_out, C_in/groups·kh·kw)``, embedding ``F̃[v, d] = H[v]S[d]``, GPT-2's transposed ``Conv1D``
+``F̃[i, o] = H[i]S[o]``), the
 bias uses the last ``H`` entry (the ones column), norm layers use ``H[0]`` for γ and ``H[1]``
 for β.
 """
@@ -109,9 +111,10 @@ def fisher_diagonal(
         fisher_weight = (h[0] * s + damping).reshape(weight.shape)
         fisher_bias = None if layer.bias is None else (h[1] * s + damping).reshape(layer.bias.shape)
         return fisher_weight, fisher_bias
-    if layer.family == "embedding":
-        return torch.outer(h, s) + damping, None
     columns = h[:-1] if layer.has_bias else h
-    fisher_weight = (torch.outer(s, columns) + damping).reshape(weight.shape)
+    # (groups·d_out, d_in) → the gradient-matrix layout → the weight's own layout (a transposed
+    # weight such as GPT-2's Conv1D, an embedding's (V, D), grouped convolutions)
+    matrix = (torch.outer(s, columns) + damping).reshape(layer.groups, layer.out_features, -1)
+    fisher_weight = layer.spec.matrix_to_weight(layer, matrix)
     fisher_bias = (h[-1] * s + damping).reshape(layer.bias.shape) if layer.has_bias else None
     return fisher_weight, fisher_bias

@@ -263,3 +263,25 @@ def test_transformers_rmsnorms_if_installed():
         model = nn.Sequential(nn.Linear(3, 5), norm, nn.Linear(5, 4)).double()
         x, y = torch.randn(4, 2, 3, dtype=torch.float64), torch.randint(0, 4, (4, 2))
         check_capture(model, x, y, expect=["linear", "rmsnorm", "linear"])
+
+
+def test_fisher_diagonal_follows_the_weight_layout():
+    """AdaFisher's F̃ of GPT-2's Conv1D is the transpose of an equal nn.Linear's."""
+    from secondorder.precond.fisher_diagonal import diagonal_statistics, fisher_diagonal
+
+    torch.manual_seed(9)
+    conv1d, linear = Conv1D(6, 4).double(), nn.Linear(4, 6).double()
+    with torch.no_grad():
+        linear.weight.copy_(conv1d.weight.T)
+        linear.bias.copy_(conv1d.bias)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    fishers = []
+    for module in (conv1d, linear):
+        capture = LayerCapture(module)
+        module(x).pow(2).sum().backward()
+        layer = capture.layers[0]
+        h, s = diagonal_statistics(layer, capture.pop()[layer], torch.float64)
+        fishers.append(fisher_diagonal(layer, h, s, 1e-3))
+    assert fishers[0][0].shape == conv1d.weight.shape
+    torch.testing.assert_close(fishers[0][0], fishers[1][0].T)
+    torch.testing.assert_close(fishers[0][1], fishers[1][1])
