@@ -189,6 +189,13 @@ class NormKind(LayerKind):
 
     family = "elementwise"
 
+    def record(self, module, args, kwargs, output, random_state=None):
+        # x̂ is recomputed from the one input: a call with more (a gated RMSNorm's gate) is
+        # not what this kind models, so it is not recorded (the layer then falls back)
+        if len(args) != 1 or kwargs:
+            return None
+        return super().record(module, args, kwargs, output, random_state)
+
     def in_features(self, layer: CapturedLayer) -> int:
         return 2
 

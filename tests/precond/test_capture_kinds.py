@@ -285,3 +285,16 @@ def test_fisher_diagonal_follows_the_weight_layout():
     assert fishers[0][0].shape == conv1d.weight.shape
     torch.testing.assert_close(fishers[0][0], fishers[1][0].T)
     torch.testing.assert_close(fishers[0][1], fishers[1][1])
+
+
+def test_gated_rmsnorm_call_is_not_recorded():
+    class GatedRMSNorm(LlamaRMSNorm):  # Mamba-style: normalises x · silu(gate)
+        def forward(self, x, gate=None):
+            return super().forward(x if gate is None else x * F.silu(gate))
+
+    norm = GatedRMSNorm(4)
+    capture = LayerCapture(norm, kinds=("rmsnorm",))
+    assert capture.layers[0].kind == "rmsnorm"
+    x = torch.randn(2, 3, 4)
+    norm(x, gate=x).sum().backward()
+    assert capture.pop() == {}
