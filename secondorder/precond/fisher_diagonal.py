@@ -93,6 +93,26 @@ def diagonal_statistics(
     return h_hat, s_hat
 
 
+def elementwise_per_example_gradients(
+    layer: CapturedLayer, stats: LayerStats, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exact per-example gradients of a norm layer's ``γ`` and ``β``: ``Σ_t g ⊙ x̂`` and ``Σ_t g``.
+
+    For the elementwise family (LayerNorm, RMSNorm, BatchNorm in eval mode; in training mode
+    BatchNorm mixes examples, so these are the gradients with the batch statistics held fixed).
+    Their squares averaged over examples are the exact diagonal empirical Fisher of the layer.
+
+    Returns:
+        ``(N, C)`` each, in ``dtype`` (default: the gradients' dtype).
+    """
+    if layer.family != "elementwise":
+        raise ValueError(f"Invalid layer: kind {layer.kind!r} is not elementwise")
+    dtype = dtype or stats.output_grads.dtype
+    g = stats.output_grads.to(dtype)
+    x_hat = _normalised_input(layer, stats.inputs.to(dtype))
+    return (g * x_hat).sum(1), g.sum(1)
+
+
 def fisher_diagonal(
     layer: CapturedLayer, h: Tensor, s: Tensor, damping: float
 ) -> tuple[Tensor, Tensor | None]:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from secondorder.precond.capture import LayerCapture
 from secondorder.precond.capture_layers import (
     KINDS,
-    CapturedLayer,
     LayerKind,
     register_layer_kind,
     unregister_layer_kind,
 )
+from secondorder.precond.fisher_diagonal import elementwise_per_example_gradients
 from secondorder.precond.kfac import per_example_gradients
 
 
@@ -30,12 +30,6 @@ def dense_per_example(model, loss_fn, x, y, params):
         loss = loss_fn(model(x[n : n + 1]), y[n : n + 1])
         rows.append(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
     return [torch.stack(column) for column in zip(*rows, strict=True)]
-
-
-def elementwise_per_example(layer: CapturedLayer, stats) -> tuple[Tensor, Tensor]:
-    """``(Σ_t g ⊙ x̂, Σ_t g)`` per example, ``(N, C)`` each (elementwise family)."""
-    x_hat = layer.spec.normalised_input(layer, stats.inputs)
-    return (stats.output_grads * x_hat).sum(1), stats.output_grads.sum(1)
 
 
 def ce_sum(out, y):
@@ -55,7 +49,7 @@ def check_capture(model, x, y, *, kinds=KINDS, loss_fn=ce_sum, expect=None, atol
     tolerance = {} if atol is None else {"atol": atol, "rtol": atol}
     for layer in capture.layers:
         if layer.family == "elementwise":
-            weight, bias = elementwise_per_example(layer, stats[layer])
+            weight, bias = elementwise_per_example_gradients(layer, stats[layer])
             weight = weight.reshape((-1,) + layer.weight.shape)
         else:
             weight, bias = layer.split_matrix(per_example_gradients(layer, stats[layer]))
