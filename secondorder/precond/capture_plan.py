@@ -117,7 +117,7 @@ class CapturePlan:
                         id(module.in_proj_bias),
                         "bias shared by separate q/k/v projection weights (not modelled)",
                     )
-            for param in module.parameters(recurse=True):
+            for param in module.parameters(recurse=False):
                 if not any(param is p for _, w, b in view.spec.parameters(module) for p in (w, b)):
                     self.reasons.setdefault(
                         id(param), f"not a projection weight or bias of {type(module).__name__}"
