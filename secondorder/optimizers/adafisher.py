@@ -17,7 +17,7 @@ from secondorder.distributed.distributor import Distributor
 from secondorder.optimizers.base import ParamsT, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_choice, check_int, check_real
-from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.precond.capture import DENSE_KINDS, NORM_KINDS, CapturedLayer, LayerStats
 from secondorder.precond.fisher_diagonal import (
     diagonal_statistics,
     fisher_diagonal,
@@ -110,7 +110,7 @@ class AdaFisher(CapturingOptimizer):
             optimizer.step()
     """
 
-    capture_kinds = ("linear", "conv2d", "layernorm", "batchnorm")
+    capture_kinds = DENSE_KINDS + NORM_KINDS
     momentum_rule = "none"  # the paper's EMA comes before the division by F̃ (``_layer_directions``)
     _meaning_keys = ("weight_decay_type",)  # AdaFisher (coupled L2) vs AdaFisherW (decoupled)
     weight_decay_types = ("l2", "decoupled")

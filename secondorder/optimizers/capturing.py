@@ -340,7 +340,7 @@ def statistics_scale(stats: dict[CapturedLayer, LayerStats], loss_reduction: str
 def _measurable(layer: CapturedLayer) -> bool:
     if layer.bias is not None and layer.bias.grad is not None:
         return True
-    return layer.kind in ("linear", "conv2d", "embedding") and layer.weight.grad is not None
+    return layer.family != "elementwise" and layer.weight.grad is not None
 
 
 def _gradient_ratio(layer: CapturedLayer, stats: LayerStats, loss_reduction: str) -> float:
@@ -348,9 +348,12 @@ def _gradient_ratio(layer: CapturedLayer, stats: LayerStats, loss_reduction: str
     g = stats.output_grads
     bias = layer.bias
     if bias is not None and bias.grad is not None:
-        total = g.double().reshape(-1, bias.numel()).sum(0)
+        g = g.double()
+        if layer.has_bias:  # rows of a tied weight's other uses carry 0 in the bias column
+            g = g * stats.inputs[..., -1:].double()
+        total = g.reshape(-1, bias.numel()).sum(0)
         reference = bias.grad.double().reshape(-1)
-    elif layer.kind == "embedding":
+    elif layer.family == "embedding":
         grad = layer.weight.grad.double()
         rows = stats.inputs.reshape(-1)
         flat = g.reshape(rows.shape[0], -1).double()

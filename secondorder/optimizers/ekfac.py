@@ -19,7 +19,7 @@ from secondorder.distributed.distributor import Distributor
 from secondorder.optimizers.base import ParamsT, group_lr, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_choice, check_int, check_real
-from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.precond.capture import KRONECKER_KINDS, CapturedLayer, LayerStats
 from secondorder.precond.kfac import (
     KroneckerEigenbasis,
     eigenvalue_correction,
@@ -104,7 +104,7 @@ class EKFAC(CapturingOptimizer):
             optimizer.step()
     """
 
-    capture_kinds = ("linear", "conv2d", "embedding")
+    capture_kinds = KRONECKER_KINDS
     momentum_rule = "ema"
 
     def __init__(

@@ -47,7 +47,7 @@ from secondorder.distributed.distributor import Distributor
 from secondorder.optimizers.base import ParamsT, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_choice, check_int, check_real
-from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.precond.capture import DENSE_KINDS, CapturedLayer, LayerStats
 from secondorder.precond.structured import StructuredMatrix, get_structure
 from secondorder.precond.structured.ingd import (
     FactorUpdate,
@@ -137,7 +137,7 @@ class SINGD(CapturingOptimizer):
     Fallback parameters: ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
 
-    capture_kinds = ("linear", "conv2d")
+    capture_kinds = DENSE_KINDS
     momentum_rule = "heavy_ball"
     weight_decay_types = ("direction", "decoupled", "l2")
 
@@ -237,7 +237,7 @@ class SINGD(CapturingOptimizer):
     @staticmethod
     def _dims(layer: CapturedLayer) -> tuple[int, int]:
         """``(dim K, dim C)``: ``d_in'`` per group (+1 with bias) and all output channels."""
-        return layer.in_features, int(layer.weight.shape[0])
+        return layer.in_features, layer.out_features * layer.groups  # weight may be (in, out)
 
     def _layer_state(self, layer: CapturedLayer, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self._param_state(layer.weight)

@@ -478,19 +478,21 @@ class _Attention(nn.Module):
         return self.head(self.attention(x, x, x, need_weights=False)[0])
 
 
-def test_multihead_attention_trains_with_the_fallback():
+def test_multihead_attention_projections_are_preconditioned():
     """No KeyError (singd: out_proj's hook never fires), in_proj_weight is trained (singd: silently
-    frozen) and the user is told which parameters go to the fallback."""
+    frozen): the capture recomputes nn.MultiheadAttention's projections, so both get factors."""
     torch.manual_seed(0)
     model = _Attention().double()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.warns(UserWarning, match="in_proj_weight"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back: no warning
         opt = SINGD(model, lr=0.02, T=1)
     losses = train(model, opt, 30, shape=(5, 8))
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} was not trained"
-    assert "K" in opt.state[model.head.weight]
-    assert "exp_avg_sq" in opt.state[model.attention.in_proj_weight]
+    for weight in (model.head.weight, model.attention.in_proj_weight,
+                   model.attention.out_proj.weight):
+        assert "K" in opt.state[weight]
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
