@@ -139,6 +139,9 @@ class CapturingOptimizer(SecondOrderOptimizer):
     def _warn_fallback_weights(self) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         matrices = self.capture.untracked_matrices(params)
+        names = self._named()
+        matrices += [(f"<a {tuple(p.shape)} weight>", "not a parameter of model=")
+                     for p in self._fallback_params() if p.dim() >= 2 and p.requires_grad and id(p) not in names]
         if matrices:
             listed = "; ".join(f"{name} ({reason})" for name, reason in matrices[:8])
             warnings.warn(
