@@ -114,6 +114,12 @@ class Shampoo(SecondOrderOptimizer):
             behaviour) instead of the graft's diagonal method.
         use_bias_correction: bias-correct factors, ``Λ`` and ``β₁``'s EMA.
         factor_dtype: dtype of factors and roots (``torch.float32`` or ``torch.float64``).
+        refresh_method: how amortised steps refresh each factor's root or basis
+            (:data:`~secondorder.precond.kronecker.REFRESH_METHODS`). ``"eigh"`` (default in
+            root mode); SOAP mode: ``"qr"``, one orthogonal-iteration step warm-started from
+            the previous basis with ``Λ`` permuted along (Vyas et al. 2024; the first basis is
+            always an ``eigh``); root mode: ``"newton"``, coupled Newton iterations (matmuls
+            only, for GPUs) with ``eigh`` as the fallback.
         distributor: ``None`` (one process), ``True`` (every rank of the default process
             group owns a cost-balanced share of the blocks, and one all-gather per step
             shares the updates; use under ``torchrun`` with a DDP model), a
@@ -164,6 +170,7 @@ class Shampoo(SecondOrderOptimizer):
         precondition_1d: bool = False,
         use_bias_correction: bool = True,
         factor_dtype: torch.dtype = torch.float32,
+        refresh_method: str | None = None,
         distributor: Distributor | bool | None = None,
     ) -> None:
         if grafting is None:
@@ -189,6 +196,9 @@ class Shampoo(SecondOrderOptimizer):
         check_real("graft_beta2", graft_beta2, low=0.0, high=1.0)
         check_real("graft_epsilon", graft_epsilon, low=0.0, low_inclusive=False)
         check_choice("factor_dtype", factor_dtype, _FACTOR_DTYPES)
+        if refresh_method is None:
+            refresh_method = "eigh"
+        check_choice("refresh_method", refresh_method, ("eigh", "qr") if eigenvalue_correction else ("eigh", "newton"))
         _check_exponent_override(inverse_exponent_override)
         defaults = dict(
             lr=lr, betas=tuple(betas), epsilon=epsilon, relative_epsilon=relative_epsilon,
@@ -201,7 +211,7 @@ class Shampoo(SecondOrderOptimizer):
             eigenvalue_correction=eigenvalue_correction,
             inverse_exponent_override=inverse_exponent_override, precondition_1d=precondition_1d,
             use_bias_correction=use_bias_correction, factor_dtype=factor_dtype,
-            differentiable=False, foreach=None, fused=None,
+            refresh_method=refresh_method, differentiable=False, foreach=None, fused=None,
         )
         super().__init__(params, defaults)
         self.distributor = resolve_distributor(distributor)
@@ -224,7 +234,7 @@ class Shampoo(SecondOrderOptimizer):
             exponents, beta2=group["betas"][1], epsilon=group["epsilon"],
             relative_epsilon=group["relative_epsilon"],
             eigenvalue_corrected=group["eigenvalue_correction"], factor_dtype=group["factor_dtype"],
-            use_bias_correction=group["use_bias_correction"],
+            use_bias_correction=group["use_bias_correction"], refresh_method=group["refresh_method"],
         )
 
     def _ownership(self) -> list[int]:
@@ -355,7 +365,7 @@ class Shampoo(SecondOrderOptimizer):
             if strategy is not None and (step == start or (step > start and step % frequency == 0)):
                 due.setdefault(step, []).append((strategy, state))
         for step, items in due.items():
-            compute_inverses(items, step)
+            compute_inverses(items, step, initial=step == start)
         for strategy, state, grad in zip(strategies, states, grads):
             if strategy is not None and strategy.eigenvalue_corrected:
                 strategy.update_correction(state, grad)

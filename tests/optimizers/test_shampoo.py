@@ -250,9 +250,9 @@ def test_schedule_of_amortised_steps(monkeypatch):
     calls = []
     real = kronecker.compute_inverses
 
-    def spy(items, step):
+    def spy(items, step, **options):
         calls.append(step)
-        return real(items, step)
+        return real(items, step, **options)
 
     monkeypatch.setattr("secondorder.optimizers.shampoo.compute_inverses", spy)
     train(lambda p: Shampoo(p, precondition_frequency=10, start_preconditioning_step=15), steps=41)
