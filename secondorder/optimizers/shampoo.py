@@ -3,7 +3,9 @@
 The algorithm and its conventions follow Meta's distributed_shampoo (Shi et al. 2023,
 "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer for
 Training Neural Networks At-Scale"), so that its "classic configuration" (Adam grafting,
-EMA factors, see ``tests/optimizers/test_shampoo_reference.py``) gives the same numbers.
+EMA factors) gives the same numbers: ``tests/optimizers/test_shampoo.py`` checks it against a
+dense float64 oracle of that configuration, and ``tests/optimizers/test_shampoo_migration.py``
+checks every row of the README's "Coming from distributed_shampoo" table.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from secondorder.precond.kronecker import KroneckerFactors, compute_inverses
 from secondorder.precond.linalg import NumericalWarning, bias_correction
 
 GRAFTING_KINDS = ("none",) + DIAGONAL_KINDS
-WEIGHT_DECAY_KINDS = ("decoupled", "l2")
+WEIGHT_DECAY_KINDS = ("decoupled", "decoupled_before_momentum", "l2")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
@@ -89,13 +91,18 @@ class Shampoo(SecondOrderOptimizer):
             Learning"). Without it (0, distributed_shampoo's behaviour) a factor that is still
             rank deficient amplifies float rounding in its null space by up to ``ε^(−e)``.
         weight_decay: decay strength ``wd ≥ 0``.
-        weight_decay_type: ``"decoupled"`` (AdamW) or ``"l2"`` (added to the gradient).
+        weight_decay_type: ``"decoupled"`` (AdamW: ``W ← W·(1 − lr·wd)`` after momentum),
+            ``"decoupled_before_momentum"`` (distributed_shampoo's ``DECOUPLED``: ``wd·W`` is
+            added to the grafted direction before momentum, so the momentum buffer carries
+            it; identical to ``"decoupled"`` up to rounding when ``momentum = 0``) or ``"l2"``
+            (added to the gradient).
         momentum: classic momentum ``μ ∈ [0, 1)`` applied after preconditioning (0 = off).
         dampening: momentum dampening ``d ∈ [0, 1)``.
         nesterov: Nesterov form of the momentum.
         precondition_frequency: ``f ≥ 1``, steps between root recomputations.
         start_preconditioning_step: first step with a Shampoo direction (default ``f``, and
-            1 in the eigenvalue-corrected mode; ``math.inf`` never preconditions, which with
+            1 in the eigenvalue-corrected mode; root mode requires ``≥ f`` as
+            distributed_shampoo does, SOAP mode ``≥ 1``; ``math.inf`` never preconditions, which with
             grafting is the graft method itself). SOAP mode computes its first bases at this
             step, so ``Λ`` is accumulated in an eigenbasis from the start, as in SOAP
             (Vyas et al. 2024). A later start carries ``Λ``, gathered in the identity basis,
@@ -109,7 +116,12 @@ class Shampoo(SecondOrderOptimizer):
         eigenvalue_correction: SOAP mode (Adam in the Kronecker eigenbasis). Grafting then
             defaults to ``"none"``.
         inverse_exponent_override: ``{order: exponent}`` or ``{order: {dim: exponent}}``;
-            exponent 0 disables the factor of that dim.
+            exponent 0 disables the factor of that dim (a block whose exponents are all 0
+            gets the identity direction, grafted, as in distributed_shampoo). SOAP mode:
+            0 on a dim means no basis change on it (distributed_shampoo's
+            ``ignored_basis_change_dims``) and a positive exponent ``e`` replaces the ½ of the
+            denominator ``(Λ/c₂)^e + ε`` (its ``inverse_exponent_override``); the positive
+            exponents of one order must then be equal (ValueError otherwise).
         precondition_1d: give 1-D parameters full Kronecker factors (distributed_shampoo's
             behaviour) instead of the graft's diagonal method.
         use_bias_correction: bias-correct factors, ``Λ`` and ``β₁``'s EMA.
@@ -190,7 +202,13 @@ class Shampoo(SecondOrderOptimizer):
         check_int("precondition_frequency", precondition_frequency, low=1)
         if start_preconditioning_step is None:
             start_preconditioning_step = 1 if eigenvalue_correction else precondition_frequency
+        # Root mode: distributed_shampoo's rule (a start before f would take roots of factors
+        # built from fewer than f gradients). SOAP mode: any start >= 1, bases from step 1
+        # being its default (see start_preconditioning_step in the class docstring).
         check_int("start_preconditioning_step", start_preconditioning_step, low=1, allow_inf=True)
+        if not eigenvalue_correction and start_preconditioning_step < precondition_frequency:
+            raise ValueError(f"Invalid start_preconditioning_step: {start_preconditioning_step} (root mode needs "
+                             f">= precondition_frequency = {precondition_frequency}, as distributed_shampoo)")
         check_int("max_preconditioner_dim", max_preconditioner_dim, low=1, allow_inf=True)
         check_choice("grafting", grafting, GRAFTING_KINDS)
         check_real("graft_beta2", graft_beta2, low=0.0, high=1.0)
@@ -199,7 +217,7 @@ class Shampoo(SecondOrderOptimizer):
         if refresh_method is None:
             refresh_method = "eigh"
         check_choice("refresh_method", refresh_method, ("eigh", "qr") if eigenvalue_correction else ("eigh", "newton"))
-        _check_exponent_override(inverse_exponent_override)
+        _check_exponent_override(inverse_exponent_override, eigenvalue_correction)
         defaults = dict(
             lr=lr, betas=tuple(betas), epsilon=epsilon, relative_epsilon=relative_epsilon,
             weight_decay=weight_decay,
@@ -228,10 +246,11 @@ class Shampoo(SecondOrderOptimizer):
         if param.dim() <= 1 and not group["precondition_1d"]:
             return None
         exponents = _exponents(len(block_shape), group["inverse_exponent_override"], group["eigenvalue_correction"])
-        if not any(e > 0 for e in exponents):
-            return None
+        # All exponents 0 leaves a strategy without factors: the identity direction (root mode)
+        # or Adam in the identity basis (SOAP mode), as in distributed_shampoo.
+        correction_exponent = _soap_exponent(exponents) if group["eigenvalue_correction"] else 0.5
         return KroneckerFactors(
-            exponents, beta2=group["betas"][1], epsilon=group["epsilon"],
+            exponents, beta2=group["betas"][1], epsilon=group["epsilon"], correction_exponent=correction_exponent,
             relative_epsilon=group["relative_epsilon"],
             eigenvalue_corrected=group["eigenvalue_correction"], factor_dtype=group["factor_dtype"],
             use_bias_correction=group["use_bias_correction"], refresh_method=group["refresh_method"],
@@ -353,7 +372,7 @@ class Shampoo(SecondOrderOptimizer):
         blocks = self._prepare_blocks(group, jobs)
         if not blocks:
             return []
-        global_blocks, strategies, states, steps, grads = (list(column) for column in zip(*blocks))
+        global_blocks, strategies, states, steps, grads, weights = (list(column) for column in zip(*blocks))
         for strategy, state, step, grad in zip(strategies, states, steps, grads):
             if strategy is not None:
                 strategy.update_stats(state, grad, step)
@@ -385,6 +404,9 @@ class Shampoo(SecondOrderOptimizer):
         graft_of = dict(zip(graft_indices, grafts))
         directions = [self._direction(group, strategies[i], states[i], steps[i], filtered[i], graft_of.get(i), start)
                       for i in range(len(blocks))]
+        if group["weight_decay_type"] == "decoupled_before_momentum" and group["weight_decay"] != 0:
+            torch._foreach_add_(directions, [weight.to(direction.dtype) for weight, direction in zip(weights, directions)],
+                                alpha=group["weight_decay"])
         if group["momentum"] > 0:
             buffers = [state["momentum_buffer"] for state in states]
             torch._foreach_mul_(buffers, group["momentum"])
@@ -399,7 +421,7 @@ class Shampoo(SecondOrderOptimizer):
     def _prepare_blocks(self, group: dict[str, Any], jobs: list) -> list[tuple]:
         """State, work-dtype gradient (+ L2 decay) of each job; non-finite blocks skipped.
 
-        Returns ``(global_block, strategy, state, step, grad)`` per block that takes part.
+        Returns ``(global_block, strategy, state, step, grad, weight)`` per block that takes part.
         """
         if not jobs:
             return []
@@ -418,7 +440,7 @@ class Shampoo(SecondOrderOptimizer):
             grad = grad.to(work_dtype)
             if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
                 grad = grad.add(weight.to(work_dtype), alpha=group["weight_decay"])
-            prepared.append((global_block, strategy, state, step, grad))
+            prepared.append((global_block, strategy, state, step, grad, weight))
         return prepared
 
     @staticmethod
@@ -466,7 +488,16 @@ def _exponents(order: int, override: dict[int, Any] | None, eigenvalue_corrected
     return exponents
 
 
-def _check_exponent_override(override: Any) -> None:
+def _soap_exponent(exponents: list[float]) -> float:
+    """SOAP mode: the one positive exponent of a block's dims (the power of ``Λ/c₂``), ½ if none."""
+    positive = {e for e in exponents if e > 0}
+    if len(positive) > 1:
+        raise ValueError(f"Invalid inverse_exponent_override: SOAP mode takes one exponent of Λ per order "
+                         f"(0 on a dim skips its basis), got {sorted(positive)}")
+    return positive.pop() if positive else 0.5
+
+
+def _check_exponent_override(override: Any, eigenvalue_correction: bool = False) -> None:
     if override is None:
         return
     if not isinstance(override, dict):
@@ -476,3 +507,11 @@ def _check_exponent_override(override: Any) -> None:
         values = value.values() if isinstance(value, dict) else [value]
         for exponent in values:
             check_real("inverse_exponent_override exponent", exponent, low=0.0)
+        if isinstance(value, dict):
+            for dim in value:
+                check_int("inverse_exponent_override dim", dim, low=0)
+                if dim >= order:
+                    raise ValueError(f"Invalid inverse_exponent_override dim: {dim} (an order-{order} block "
+                                     f"has dims 0..{order - 1})")
+        if eigenvalue_correction:
+            _soap_exponent(list(values))

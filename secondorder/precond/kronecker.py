@@ -95,6 +95,8 @@ class KroneckerFactors:
         eigenvalue_corrected: SOAP-style mode instead of root-inverse.
         factor_dtype: dtype of factors, roots, bases and ``Λ``.
         use_bias_correction: divide factors (and ``Λ``) by ``1 − β₂^t``.
+        correction_exponent: eigenvalue-corrected mode: the power ``e`` of the denominator
+            ``(Λ/c₂)^e + ε`` (½: Adam; distributed_shampoo's SOAP ``inverse_exponent_override``).
         refresh_method: one of :data:`REFRESH_METHODS`. The first refresh of a basis
             (``initial=True`` in :func:`compute_inverses`) is always an ``eigh``: one QR step
             from the identity is only a crude basis.
@@ -111,6 +113,7 @@ class KroneckerFactors:
         factor_dtype: torch.dtype = torch.float32,
         use_bias_correction: bool = True,
         refresh_method: str = "eigh",
+        correction_exponent: float = 0.5,
     ) -> None:
         if refresh_method not in REFRESH_METHODS:
             raise ValueError(f"Invalid refresh_method: {refresh_method!r} (expected one of {REFRESH_METHODS})")
@@ -118,6 +121,7 @@ class KroneckerFactors:
             needed = "root-inverse" if eigenvalue_corrected else "eigenvalue-corrected"
             raise ValueError(f"Invalid refresh_method: {refresh_method!r} needs the {needed} mode")
         self.refresh_method = refresh_method
+        self.correction_exponent = correction_exponent
         self.exponents = tuple(exponents)
 
         self.factored = tuple(k for k, exponent in enumerate(self.exponents) if exponent > 0)
@@ -216,7 +220,8 @@ class KroneckerFactors:
         else:
             roots = [state.get(f"root_{k}") for k in range(work.dim())]
             result = apply_kronecker(work, roots)
-        return result.to(grad.dtype)
+        # A block without factors (all exponents 0) is the identity: still a new tensor.
+        return result.clone() if result is grad else result.to(grad.dtype)
 
     def to_dense(self, state: BlockState, step: int) -> Tensor:
         """The block's preconditioner as an ``(n, n)`` matrix on the row-major ``vec`` of a block."""
@@ -240,7 +245,9 @@ class KroneckerFactors:
 
     def _denominator(self, state: BlockState, step: int) -> Tensor:
         correction = bias_correction(self.beta2, step) if self.use_bias_correction else 1.0
-        return (state["corrected"] / correction).sqrt_().add_(self.epsilon)
+        scaled = state["corrected"] / correction
+        powered = scaled.sqrt_() if self.correction_exponent == 0.5 else scaled.pow_(self.correction_exponent)
+        return powered.add_(self.epsilon)
 
     def _regularised(self, factor: Tensor, step: int) -> Tensor:
         """``F_k / c₂ + εI`` as a new matrix: one pass over ``F_k``, ε added on the diagonal."""
