@@ -145,19 +145,33 @@ class KroneckerFactors:
             state["corrected"] = torch.zeros(block.shape, **options)
         return state
 
-    def update_stats(self, state: BlockState, grad: Tensor, step: int) -> None:
-        """Fold ``C_k(grad)`` into every factor (``grad`` is the raw block gradient)."""
+    def update_stats(self, state: BlockState, grad: Tensor, step: int, keep: Tensor | None = None) -> None:
+        """Fold ``C_k(grad)`` into every factor (``grad`` is the raw block gradient).
+
+        ``keep`` (optional 0-d bool tensor, see :func:`~secondorder.precond.linalg.finite_or_zero`):
+        where False the factors are left exactly as they are, with no host synchronisation;
+        ``grad`` must then be finite (zeros). Costs one extra pass over each factor.
+        """
         grad = grad.to(self.factor_dtype)
         weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
+        decay = None
+        if keep is not None and self.beta2 != 1.0:
+            decay = _keep_or(keep, self.beta2, 1.0, self.factor_dtype, grad.device)
         for k in self.factored:
             factor = state[f"factor_{k}"]
-            if grad.dim() == 2:  # fused β₂F + w·GGᵀ: no temporary d×d product
+            if grad.dim() == 2 and decay is None:  # fused β₂F + w·GGᵀ: no temporary d×d product
                 left, right = (grad, grad.T) if k == 0 else (grad.T, grad)
                 factor.addmm_(left, right, beta=self.beta2, alpha=weight)
                 continue
-            if self.beta2 != 1.0:
+            if decay is not None:
+                factor.mul_(decay)  # a zero gradient then adds nothing: F unchanged
+            elif self.beta2 != 1.0:
                 factor.mul_(self.beta2)
-            factor.add_(factor_statistic(grad, k), alpha=weight)
+            if grad.dim() == 2:
+                left, right = (grad, grad.T) if k == 0 else (grad.T, grad)
+                factor.addmm_(left, right, alpha=weight)
+            else:
+                factor.add_(factor_statistic(grad, k), alpha=weight)
 
     def compute_inverse(self, state: BlockState, step: int, *, initial: bool = False) -> bool:
         """Recompute roots (or bases) of this block; see :func:`compute_inverses`."""
@@ -203,12 +217,17 @@ class KroneckerFactors:
         # values >= ε > 0 and checked eigenpairs: the root is finite by construction.
         root.copy_(inverse_root_from_eigh(values, vectors, exponent, check_finite=False))
 
-    def update_correction(self, state: BlockState, grad: Tensor) -> None:
-        """Eigenvalue-corrected mode: ``Λ ← β₂Λ + w (Qᵀ G)²`` with the current bases."""
+    def update_correction(self, state: BlockState, grad: Tensor, keep: Tensor | None = None) -> None:
+        """Eigenvalue-corrected mode: ``Λ ← β₂Λ + w (Qᵀ G)²`` with the current bases.
+
+        ``keep``: as in :meth:`update_stats` (False leaves ``Λ`` unchanged, ``grad`` zeros).
+        """
         rotated = project_to_eigenbasis(grad.to(self.factor_dtype), self._bases(state))
         weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
         corrected = state["corrected"]
-        if self.beta2 != 1.0:
+        if keep is not None and self.beta2 != 1.0:
+            corrected.mul_(_keep_or(keep, self.beta2, 1.0, corrected.dtype, corrected.device))
+        elif self.beta2 != 1.0:
             corrected.mul_(self.beta2)
         corrected.addcmul_(rotated, rotated, value=weight)
 
@@ -255,6 +274,12 @@ class KroneckerFactors:
         matrix = factor / correction if correction != 1.0 else factor.clone()
         matrix.diagonal().add_(self.epsilon)
         return matrix
+
+
+def _keep_or(keep: Tensor, value: float, otherwise: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """0-d tensor: ``value`` where ``keep`` else ``otherwise`` (no host synchronisation)."""
+    return torch.where(keep.to(device), torch.tensor(value, dtype=dtype, device=device),
+                       torch.tensor(otherwise, dtype=dtype, device=device))
 
 
 def _largest_eigenvalue(matrix: Tensor, iterations: int = 20) -> Tensor:

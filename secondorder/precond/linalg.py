@@ -405,6 +405,23 @@ def randomized_low_rank(
     return (basis @ u_small)[:, :rank], singular[:rank], vh[:rank].transpose(0, 1)
 
 
+def finite_or_zero(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Sync-free screen for non-finite blocks: ``(cleaned, keep)``.
+
+    ``keep`` is a bool tensor ``(len(tensors),)`` on the tensors' device, True where every
+    entry of that tensor is finite (one fused max-|x| per tensor: NaN and ±inf propagate);
+    ``cleaned[i]`` is ``tensors[i]``, or zeros where ``keep[i]`` is False. Nothing is read back
+    to the host, so the caller skips state updates by masking (``keep`` arguments of
+    :meth:`~secondorder.precond.kronecker.KroneckerFactors.update_stats`,
+    :func:`~secondorder.precond.diagonal.update_second_moments`) instead of branching.
+    All tensors must share one device.
+    """
+    if not tensors:
+        return [], torch.zeros(0, dtype=torch.bool)
+    keep = torch.isfinite(torch.stack(torch._foreach_norm(list(tensors), ord=math.inf)))
+    return [torch.where(keep[i], tensor, 0) for i, tensor in enumerate(tensors)], keep
+
+
 def bias_correction(beta: float, step: int | float) -> float:
     """``1 − β^t`` (1 when ``β`` is 0 or 1, where no correction applies)."""
     if beta in (0.0, 1.0):

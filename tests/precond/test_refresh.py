@@ -189,3 +189,56 @@ def test_non_finite_factor_keeps_the_previous_basis_and_counts():
 def test_invalid_refresh_method(method, corrected):
     with pytest.raises(ValueError, match="Invalid refresh_method"):
         KroneckerFactors((0.5,), beta2=0.9, epsilon=1e-8, eigenvalue_corrected=corrected, refresh_method=method)
+
+
+# ----- sync-free skipping of non-finite blocks (keep masks) -------------------------------
+
+def test_finite_or_zero_flags_and_cleans_without_touching_finite_tensors():
+    from secondorder.precond.linalg import finite_or_zero
+
+    good, nan, inf = torch.randn(3, 2), torch.randn(4), torch.randn(2, 2)
+    nan[1], inf[0, 1] = float("nan"), float("-inf")
+    cleaned, keep = finite_or_zero([good, nan, inf])
+    assert keep.tolist() == [True, False, False]
+    assert cleaned[0] is not None and torch.equal(cleaned[0], good)
+    assert torch.equal(cleaned[1], torch.zeros(4)) and torch.equal(cleaned[2], torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("corrected,beta2,shape", [(False, 0.99, (5, 4)), (False, 1.0, (5, 4)), (True, 0.95, (5, 4)),
+                                                   (False, 0.99, (3, 2, 4))])
+def test_keep_mask_leaves_state_exactly_or_updates_it(corrected, beta2, shape):
+    exponents = (0.5,) * len(shape) if corrected else (1 / (2 * len(shape)),) * len(shape)
+    strategy = KroneckerFactors(exponents, beta2=beta2, epsilon=1e-8, eigenvalue_corrected=corrected,
+                                factor_dtype=torch.float64)
+    state, grads = accumulate(strategy, shape, 4)
+    compute_inverses([(strategy, state)], 4, initial=True)
+    reference = {key: value.clone() for key, value in state.items()}
+    grad = torch.randn(shape, dtype=torch.float64)
+    strategy.update_stats(state, torch.zeros(shape, dtype=torch.float64), 5, keep=torch.tensor(False))
+    if corrected:
+        strategy.update_correction(state, torch.zeros(shape, dtype=torch.float64), keep=torch.tensor(False))
+    for key, value in reference.items():
+        assert torch.equal(state[key], value), key
+    strategy.update_stats(state, grad, 5, keep=torch.tensor(True))
+    if corrected:
+        strategy.update_correction(state, grad, keep=torch.tensor(True))
+    plain_state = {key: value.clone() for key, value in reference.items()}
+    strategy.update_stats(plain_state, grad, 5)
+    if corrected:
+        strategy.update_correction(plain_state, grad)
+    for key in reference:
+        torch.testing.assert_close(state[key], plain_state[key], atol=1e-14, rtol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["adam", "rmsprop", "adagrad"])
+def test_second_moments_keep_mask(kind):
+    from secondorder.precond.diagonal import update_second_moments
+
+    moments = [torch.rand(3, 2), torch.rand(4)]
+    before = [m.clone() for m in moments]
+    grads = [torch.randn(3, 2), torch.zeros(4)]
+    update_second_moments(kind, moments, grads, 0.9, keep=torch.tensor([True, False]))
+    assert torch.equal(moments[1], before[1])
+    expected = [before[0].clone()]
+    update_second_moments(kind, expected, grads[:1], 0.9)
+    torch.testing.assert_close(moments[0], expected[0], atol=1e-7, rtol=1e-7)
