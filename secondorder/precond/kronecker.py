@@ -49,6 +49,8 @@ from secondorder.precond.linalg import (
     inverse_root_from_eigh,
     shifted_eigenvalues,
     stable_eigh,
+    pack_upper,
+    unpack_upper,
     warm_started_eigenbasis,
 )
 
@@ -97,6 +99,10 @@ class KroneckerFactors:
         use_bias_correction: divide factors (and ``Λ``) by ``1 − β₂^t``.
         correction_exponent: eigenvalue-corrected mode: the power ``e`` of the denominator
             ``(Λ/c₂)^e + ε`` (½: Adam; distributed_shampoo's SOAP ``inverse_exponent_override``).
+        packed: store factors (and roots) as their upper triangles, ``d(d+1)/2`` entries
+            (:func:`~secondorder.precond.linalg.pack_upper`): about half their memory, paid for
+            by an unpack of every root each step and of every factor at each update and
+            refresh (distributed_shampoo's ``use_symmetric_packing``). Bases stay square.
         refresh_method: one of :data:`REFRESH_METHODS`. The first refresh of a basis
             (``initial=True`` in :func:`compute_inverses`) is always an ``eigh``: one QR step
             from the identity is only a crude basis.
@@ -114,6 +120,7 @@ class KroneckerFactors:
         use_bias_correction: bool = True,
         refresh_method: str = "eigh",
         correction_exponent: float = 0.5,
+        packed: bool = False,
     ) -> None:
         if refresh_method not in REFRESH_METHODS:
             raise ValueError(f"Invalid refresh_method: {refresh_method!r} (expected one of {REFRESH_METHODS})")
@@ -131,6 +138,7 @@ class KroneckerFactors:
         self.eigenvalue_corrected = eigenvalue_corrected
         self.factor_dtype = factor_dtype
         self.use_bias_correction = use_bias_correction
+        self.packed = packed
 
     # -- protocol ---------------------------------------------------------------------------
     def init_state(self, block: Tensor) -> BlockState:
@@ -139,8 +147,10 @@ class KroneckerFactors:
         state: BlockState = {"failed": torch.zeros((), dtype=torch.int64)}
         for k in self.factored:
             d = block.shape[k]
-            state[f"factor_{k}"] = torch.zeros(d, d, **options)
-            state[f"{self._inverse_key}_{k}"] = torch.eye(d, **options)
+            identity = torch.eye(d, **options)
+            state[f"factor_{k}"] = pack_upper(torch.zeros(d, d, **options)) if self.packed else torch.zeros(d, d, **options)
+            state[f"{self._inverse_key}_{k}"] = pack_upper(identity) if self.packed and not self.eigenvalue_corrected \
+                else identity
         if self.eigenvalue_corrected:
             state["corrected"] = torch.zeros(block.shape, **options)
         return state
@@ -159,6 +169,11 @@ class KroneckerFactors:
             decay = _keep_or(keep, self.beta2, 1.0, self.factor_dtype, grad.device)
         for k in self.factored:
             factor = state[f"factor_{k}"]
+            if self.packed:  # C_k formed square, its upper triangle folded in
+                if decay is not None or self.beta2 != 1.0:
+                    factor.mul_(self.beta2 if decay is None else decay)
+                factor.add_(pack_upper(factor_statistic(grad, k)), alpha=weight)
+                continue
             if grad.dim() == 2 and decay is None:  # fused β₂F + w·GGᵀ: no temporary d×d product
                 left, right = (grad, grad.T) if k == 0 else (grad.T, grad)
                 factor.addmm_(left, right, beta=self.beta2, alpha=weight)
@@ -186,7 +201,7 @@ class KroneckerFactors:
         Raises:
             EigenFailure: the factor is not finite or no method produced a usable result.
         """
-        factor = state[f"factor_{k}"]
+        factor = self._square(state, f"factor_{k}")
         if self.eigenvalue_corrected:
             basis = state[f"basis_{k}"]
             if self.refresh_method == "qr" and not initial:
@@ -205,9 +220,11 @@ class KroneckerFactors:
         if self.refresh_method == "newton" and abs(power - round(power)) < 1e-9:
             if self.relative_epsilon:
                 matrix.diagonal().add_(self.relative_epsilon * _largest_eigenvalue(matrix))
-            newton_root, residual = coupled_newton_inverse_root(matrix, round(power))
+            # float64 factors ask for float64 accuracy (one more quadratic step than float32's).
+            tolerance = 1e-12 if matrix.dtype == torch.float64 else 1e-6
+            newton_root, residual = coupled_newton_inverse_root(matrix, round(power), tolerance=tolerance)
             if residual <= NEWTON_ACCEPTED_RESIDUAL:
-                root.copy_(newton_root)
+                root.copy_(pack_upper(newton_root) if self.packed else newton_root)
                 return
             matrix = self._regularised(factor, step)  # not converged (or not PSD): eigh instead
         values, vectors = stable_eigh(matrix, symmetrize_input=False)
@@ -215,7 +232,8 @@ class KroneckerFactors:
         if self.relative_epsilon:
             values = values + self.relative_epsilon * values.max()
         # values >= ε > 0 and checked eigenpairs: the root is finite by construction.
-        root.copy_(inverse_root_from_eigh(values, vectors, exponent, check_finite=False))
+        new_root = inverse_root_from_eigh(values, vectors, exponent, check_finite=False)
+        root.copy_(pack_upper(new_root) if self.packed else new_root)
 
     def update_correction(self, state: BlockState, grad: Tensor, keep: Tensor | None = None) -> None:
         """Eigenvalue-corrected mode: ``Λ ← β₂Λ + w (Qᵀ G)²`` with the current bases.
@@ -237,8 +255,7 @@ class KroneckerFactors:
         if self.eigenvalue_corrected:
             result = precondition_in_eigenbasis(work, self._bases(state), self._denominator(state, step))
         else:
-            roots = [state.get(f"root_{k}") for k in range(work.dim())]
-            result = apply_kronecker(work, roots)
+            result = apply_kronecker(work, self._roots(state, work.dim()))
         # A block without factors (all exponents 0) is the identity: still a new tensor.
         return result.clone() if result is grad else result.to(grad.dtype)
 
@@ -249,7 +266,7 @@ class KroneckerFactors:
             basis = _kron(self._bases(state), shape, self.factor_dtype)
             inverse_diagonal = 1.0 / self._denominator(state, step).reshape(-1)
             return basis @ torch.diag(inverse_diagonal) @ basis.T
-        return _kron([state.get(f"root_{k}") for k in range(len(shape))], shape, self.factor_dtype)
+        return _kron(self._roots(state, len(shape)), shape, self.factor_dtype)
 
     # -- helpers ----------------------------------------------------------------------------
     @property
@@ -260,7 +277,15 @@ class KroneckerFactors:
         return [state.get(f"basis_{k}") for k in range(len(self.exponents))]
 
     def _shape(self, state: BlockState) -> tuple[int, ...]:
-        return tuple(state[f"factor_{k}"].shape[0] if k in self.factored else 1 for k in range(len(self.exponents)))
+        return tuple(self._square(state, f"factor_{k}").shape[0] if k in self.factored else 1
+                     for k in range(len(self.exponents)))
+
+    def _square(self, state: BlockState, key: str) -> Tensor:
+        """``state[key]`` as a square matrix (unpacked into a new tensor when packed)."""
+        return unpack_upper(state[key]) if self.packed else state[key]
+
+    def _roots(self, state: BlockState, order: int) -> list[Tensor | None]:
+        return [self._square(state, f"root_{k}") if f"root_{k}" in state else None for k in range(order)]
 
     def _denominator(self, state: BlockState, step: int) -> Tensor:
         correction = bias_correction(self.beta2, step) if self.use_bias_correction else 1.0

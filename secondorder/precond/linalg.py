@@ -11,6 +11,7 @@ Failure policy: functions that can fail numerically raise :class:`EigenFailure` 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -403,6 +404,30 @@ def randomized_low_rank(
     small = apply_t(basis).transpose(0, 1)  # (k, n) = Qᵀ A
     u_small, singular, vh = torch.linalg.svd(small, full_matrices=False)
     return (basis @ u_small)[:, :rank], singular[:rank], vh[:rank].transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_indices(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row-major upper-triangle indices of an ``n × n`` matrix, and the map back to the square."""
+    rows, cols = torch.triu_indices(n, n, device=device)
+    square = torch.empty(n, n, dtype=torch.long, device=device)
+    positions = torch.arange(rows.numel(), device=device)
+    square[rows, cols] = positions
+    square[cols, rows] = positions
+    return rows * n + cols, square.reshape(-1)
+
+
+def pack_upper(matrix: Tensor) -> Tensor:
+    """The upper triangle of a symmetric ``(n, n)`` matrix, row-major: ``(n(n+1)/2,)``."""
+    flat_upper, _ = _upper_indices(matrix.shape[-1], matrix.device)
+    return matrix.reshape(-1)[flat_upper]
+
+
+def unpack_upper(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_upper`: the symmetric ``(n, n)`` matrix (a new tensor)."""
+    n = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
+    _, square = _upper_indices(n, packed.device)
+    return packed[square].reshape(n, n)
 
 
 def finite_or_zero(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
