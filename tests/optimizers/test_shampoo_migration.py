@@ -143,7 +143,8 @@ ROWS = {
         dict(grafting="adam", betas=(0.9, 0.999), epsilon=1e-12, exponents=(0.0, 0.0), start=3)),
     # EigenvalueCorrectedShampooPreconditionerConfig (eigh), first bases at the start step f
     "eigenvalue_corrected_eigh": (
-        dict(eigenvalue_correction=True, betas=(0.9, 0.95), epsilon=1e-8, start_preconditioning_step=3),
+        dict(eigenvalue_correction=True, betas=(0.9, 0.95), epsilon=1e-8, start_preconditioning_step=3,
+             refresh_method="eigh"),
         dict(eigenvalue_corrected=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, start=3)),
     # DefaultSOAPConfig (QR refreshes); ours: first basis by eigh, Λ permuted with the columns
     "soap_qr": (
@@ -153,12 +154,12 @@ ROWS = {
     "soap_exponent_override": (
         dict(eigenvalue_correction=True, betas=(0.9, 0.95), epsilon=1e-8, inverse_exponent_override={2: 0.25}),
         dict(eigenvalue_corrected=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, exponents=(0.25, 0.25),
-             start=1)),
+             start=1, refresh="qr")),
     # ignored_basis_change_dims={2: [0]}
     "soap_ignored_basis_change_dims": (
         dict(eigenvalue_correction=True, betas=(0.9, 0.95), epsilon=1e-8, inverse_exponent_override={2: {0: 0.0}}),
         dict(eigenvalue_corrected=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, exponents=(0.0, 0.5),
-             start=1)),
+             start=1, refresh="qr")),
 }
 
 
