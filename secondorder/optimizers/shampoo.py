@@ -31,7 +31,7 @@ from secondorder.precond.diagonal import (
     update_second_moments,
 )
 from secondorder.precond.kronecker import KroneckerFactors, compute_inverses
-from secondorder.precond.linalg import NumericalWarning, bias_correction
+from secondorder.precond.linalg import NumericalWarning, bias_correction, finite_or_zero, keep_where
 
 GRAFTING_KINDS = ("none",) + DIAGONAL_KINDS
 WEIGHT_DECAY_KINDS = ("decoupled", "decoupled_before_momentum", "l2")
@@ -243,7 +243,8 @@ class Shampoo(SecondOrderOptimizer):
         self.distributor = resolve_distributor(distributor)
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
-        self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
+        self._shard_prefixes: dict[int, str] = {}
+        self._skips_reported: dict[int, int] = {}  # id(block state) → skips already warned about  # id(FSDP2 param) → its shard's state-key prefix
 
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -351,7 +352,7 @@ class Shampoo(SecondOrderOptimizer):
             zeros = lambda: torch.zeros(block.shape, dtype=state_dtype, device=block.device)  # noqa: E731
             block_state = strategy.init_state(block) if strategy is not None else {
                 "failed": torch.zeros((), dtype=torch.int64)}
-            block_state["skipped"] = torch.zeros((), dtype=torch.int64)
+            block_state["skipped"] = torch.zeros((), dtype=torch.int64, device=block.device)  # masked, never read per step
             if group["betas"][0] > 0:
                 block_state["exp_avg"] = zeros()
             kind = self._diagonal_kind(group)
@@ -381,26 +382,31 @@ class Shampoo(SecondOrderOptimizer):
         blocks = self._prepare_blocks(group, jobs)
         if not blocks:
             return []
-        global_blocks, strategies, states, steps, grads, weights = (list(column) for column in zip(*blocks))
-        for strategy, state, step, grad in zip(strategies, states, steps, grads):
+        global_blocks, strategies, states, steps, grads, weights, keeps = (list(column) for column in zip(*blocks))
+        keep = torch.stack(keeps)  # False: non-finite gradient, every update below is masked out
+        for strategy, state, step, grad, kept in zip(strategies, states, steps, grads, keeps):
             if strategy is not None:
-                strategy.update_stats(state, grad, step)
+                strategy.update_stats(state, grad, step, keep=kept)
         if needs_second_moment(kind):
-            update_second_moments(kind, [state["graft_sq"] for state in states], grads, graft_beta2)
+            update_second_moments(kind, [state["graft_sq"] for state in states], grads, graft_beta2, keep=keep)
         # Amortised roots, batched across the blocks whose schedule fires at this step.
         due: dict[int, list] = {}
-        for strategy, state, step in zip(strategies, states, steps):
+        for index, (strategy, state, step) in enumerate(zip(strategies, states, steps)):
             if strategy is not None and (step == start or (step > start and step % frequency == 0)):
-                due.setdefault(step, []).append((strategy, state))
-        for step, items in due.items():
+                due.setdefault(step, []).append(index)
+        if due:  # refreshes synchronise anyway: skipped blocks keep their roots, skips are reported
+            kept_now = keep.tolist()
+            self._warn_skipped(states)
+        for step, indices in due.items():
+            items = [(strategies[i], states[i]) for i in indices if kept_now[i]]
             compute_inverses(items, step, initial=step == start)
-        for strategy, state, grad in zip(strategies, states, grads):
+        for strategy, state, grad, kept in zip(strategies, states, grads, keeps):
             if strategy is not None and strategy.eigenvalue_corrected:
-                strategy.update_correction(state, grad)
+                strategy.update_correction(state, grad, keep=kept)
         filtered = grads
         if beta1 > 0:
             averages = [state["exp_avg"] for state in states]
-            torch._foreach_lerp_(averages, grads, 1 - beta1)
+            torch._foreach_lerp_(averages, grads, list(keep_where(keep, 1 - beta1, 0.0, averages[0].dtype).unbind()))
             corrections = [bias_correction(beta1, step) if group["use_bias_correction"] else 1.0 for step in steps]
             filtered = torch._foreach_div(averages, corrections)
         needs_graft = [strategy is None or group["grafting"] != "none" or step < start
@@ -416,40 +422,55 @@ class Shampoo(SecondOrderOptimizer):
         if group["weight_decay_type"] == "decoupled_before_momentum" and group["weight_decay"] != 0:
             torch._foreach_add_(directions, [weight.to(direction.dtype) for weight, direction in zip(weights, directions)],
                                 alpha=group["weight_decay"])
+        masks = list(keep.to(directions[0].dtype).unbind())
+        torch._foreach_mul_(directions, masks)  # a skipped block moves by nothing
         if group["momentum"] > 0:
             buffers = [state["momentum_buffer"] for state in states]
-            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_mul_(buffers, list(keep_where(keep, group["momentum"], 1.0, buffers[0].dtype).unbind()))
             torch._foreach_add_(buffers, directions, alpha=1 - group["dampening"])
             if group["nesterov"]:
                 torch._foreach_mul_(directions, 1 - group["dampening"])
                 torch._foreach_add_(directions, buffers, alpha=group["momentum"])
             else:
                 directions = [buffer.clone() for buffer in buffers]
+            torch._foreach_mul_(directions, masks)
         return list(zip(global_blocks, directions))
 
-    def _prepare_blocks(self, group: dict[str, Any], jobs: list) -> list[tuple]:
-        """State, work-dtype gradient (+ L2 decay) of each job; non-finite blocks skipped.
+    def _warn_skipped(self, states: list[dict[str, Any]]) -> None:
+        """Warn (one host sync, at refresh steps only) if blocks were skipped since the last check."""
+        counts = torch.stack([state["skipped"] for state in states]).tolist()
+        new = 0
+        for state, count in zip(states, counts):
+            new += count - self._skips_reported.get(id(state), 0)
+            self._skips_reported[id(state)] = count
+        if new > 0:
+            warnings.warn(f"Shampoo skipped {new} block step(s) whose gradient was not finite (state kept)",
+                          NumericalWarning, stacklevel=4)
 
-        Returns ``(global_block, strategy, state, step, grad, weight)`` per block that takes part.
+    def _prepare_blocks(self, group: dict[str, Any], jobs: list) -> list[tuple]:
+        """State, work-dtype gradient (+ L2 decay) of each job, screened without a host sync.
+
+        A block whose gradient is not finite gets zeros in its place and ``keep = False``:
+        every state update masks it out (torch.where-style, so nothing is read back to the
+        host), its direction is zero and ``skipped`` counts it; the warning comes at the next
+        refresh. Returns ``(global_block, strategy, state, step, grad, weight, keep)`` per job.
         """
         if not jobs:
             return []
-        # One fused max-|g| per block and one host sync per group (NaN and inf propagate).
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([job[4] for job in jobs], ord=math.inf))).tolist()
-        prepared = []
-        for (global_block, param, key, step, grad, weight), is_finite in zip(jobs, finite):
-            strategy = self._strategy(tuple(grad.shape), param, group)
-            state = self._block_state(param, key, weight, group, strategy)
-            if not is_finite:
-                state["skipped"].add_(1)
-                warnings.warn("Shampoo skipped a block whose gradient is not finite (state kept)",
-                              NumericalWarning, stacklevel=4)
-                continue
+        work = []
+        for _, param, key, step, grad, weight in jobs:
             work_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
             grad = grad.to(work_dtype)
             if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
                 grad = grad.add(weight.to(work_dtype), alpha=group["weight_decay"])
-            prepared.append((global_block, strategy, state, step, grad, weight))
+            work.append(grad)
+        cleaned, keep = finite_or_zero(work)
+        prepared = []
+        for (global_block, param, key, step, grad, weight), clean, kept in zip(jobs, cleaned, keep.unbind()):
+            strategy = self._strategy(tuple(grad.shape), param, group)
+            state = self._block_state(param, key, weight, group, strategy)
+            state["skipped"].add_(~kept)
+            prepared.append((global_block, strategy, state, step, clean, weight, kept))
         return prepared
 
     @staticmethod

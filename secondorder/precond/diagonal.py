@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from secondorder.precond.linalg import keep_where
+
 DIAGONAL_KINDS = ("sgd", "adagrad", "rmsprop", "adam")
 
 
@@ -90,7 +92,7 @@ def update_second_moments(
     if keep is None:
         torch._foreach_mul_(second_moments, beta2)
     else:
-        decays = torch.where(keep, beta2, 1.0).to(second_moments[0].dtype)
+        decays = keep_where(keep, beta2, 1.0, second_moments[0].dtype)
         torch._foreach_mul_(second_moments, list(decays.unbind()))
     torch._foreach_addcmul_(second_moments, grads, grads, value=1 - beta2)
 

@@ -47,9 +47,10 @@ from secondorder.precond.linalg import (
     coupled_newton_inverse_root,
     cpu_threads,
     inverse_root_from_eigh,
+    keep_where,
+    pack_upper,
     shifted_eigenvalues,
     stable_eigh,
-    pack_upper,
     unpack_upper,
     warm_started_eigenbasis,
 )
@@ -166,7 +167,7 @@ class KroneckerFactors:
         weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
         decay = None
         if keep is not None and self.beta2 != 1.0:
-            decay = _keep_or(keep, self.beta2, 1.0, self.factor_dtype, grad.device)
+            decay = keep_where(keep, self.beta2, 1.0, self.factor_dtype)
         for k in self.factored:
             factor = state[f"factor_{k}"]
             if self.packed:  # C_k formed square, its upper triangle folded in
@@ -244,7 +245,7 @@ class KroneckerFactors:
         weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
         corrected = state["corrected"]
         if keep is not None and self.beta2 != 1.0:
-            corrected.mul_(_keep_or(keep, self.beta2, 1.0, corrected.dtype, corrected.device))
+            corrected.mul_(keep_where(keep, self.beta2, 1.0, corrected.dtype))
         elif self.beta2 != 1.0:
             corrected.mul_(self.beta2)
         corrected.addcmul_(rotated, rotated, value=weight)
@@ -299,12 +300,6 @@ class KroneckerFactors:
         matrix = factor / correction if correction != 1.0 else factor.clone()
         matrix.diagonal().add_(self.epsilon)
         return matrix
-
-
-def _keep_or(keep: Tensor, value: float, otherwise: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """0-d tensor: ``value`` where ``keep`` else ``otherwise`` (no host synchronisation)."""
-    return torch.where(keep.to(device), torch.tensor(value, dtype=dtype, device=device),
-                       torch.tensor(otherwise, dtype=dtype, device=device))
 
 
 def _largest_eigenvalue(matrix: Tensor, iterations: int = 20) -> Tensor:

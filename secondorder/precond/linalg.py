@@ -447,6 +447,16 @@ def finite_or_zero(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
     return [torch.where(keep[i], tensor, 0) for i, tensor in enumerate(tensors)], keep
 
 
+def keep_where(keep: Tensor, value: float, otherwise: float, dtype: torch.dtype) -> Tensor:
+    """``value`` where ``keep`` else ``otherwise``, shaped like ``keep``, in ``dtype`` on its device.
+
+    The constants are made in ``dtype`` first, so float64 state gets float64 rates (a Python
+    scalar in ``torch.where`` would be rounded to float32).
+    """
+    options = {"dtype": dtype, "device": keep.device}
+    return torch.where(keep, torch.tensor(value, **options), torch.tensor(otherwise, **options))
+
+
 def bias_correction(beta: float, step: int | float) -> float:
     """``1 − β^t`` (1 when ``β`` is 0 or 1, where no correction applies)."""
     if beta in (0.0, 1.0):

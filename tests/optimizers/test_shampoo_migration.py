@@ -259,3 +259,57 @@ def test_migration_row_matches_distributed_shampoo(row):
                                       max_preconditioner_dim=8, use_bias_correction=True, **meta_rows[row])
     for step, (mine, theirs) in enumerate(zip(run(ours, params, grads), run(meta, meta_params, grads)), start=1):
         torch.testing.assert_close(mine, theirs, atol=1e-9, rtol=1e-9, msg=f"{row}: step {step}")
+
+
+# ----- the plain per-step path reads nothing back from the device -------------------------
+
+def test_plain_steps_make_no_host_reads_and_skips_are_masked(monkeypatch):
+    """Outside refresh steps, nothing but the int64 step counters is read back to the host; a
+    non-finite block is masked out (state and weight unchanged, momentum included) and the
+    warning comes at the next refresh."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(4, 3))]
+    optimizer = Shampoo(params, lr=0.05, precondition_frequency=4, momentum=0.9, nesterov=True, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(nan=False):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        if nan:
+            params[0].grad[1, 2] = float("nan")
+        optimizer.step()
+
+    for _ in range(4):  # through the first refresh (t = 4)
+        step()
+    reads = []
+    real = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
+
+    def recording(name):
+        def read(self, *args):
+            if not (self.dtype == torch.int64 and self.dim() == 0):  # the CPU step counters
+                reads.append((name, tuple(self.shape), self.dtype))
+            return real[name](self, *args)
+        return read
+
+    for name in real:
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    step()  # t = 5: plain
+    snapshot = {k: v.clone() for k, v in optimizer.state[params[0]]["block_0"].items()}
+    weight = params[0].detach().clone()
+    other = params[1].detach().clone()
+    import warnings as warnings_module
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error")
+        step(nan=True)  # t = 6: plain, skipped without a warning yet
+    monkeypatch.undo()
+    assert reads == []
+    block = optimizer.state[params[0]]["block_0"]
+    for key, value in snapshot.items():
+        if key != "skipped":
+            assert torch.equal(block[key], value), key
+    assert int(block["skipped"]) == 1 and torch.equal(params[0].detach(), weight)
+    assert not torch.equal(params[1].detach(), other)
+    step()  # t = 7
+    with pytest.warns(RuntimeWarning, match="skipped 1 block step"):
+        step()  # t = 8: refresh
+    assert all(torch.isfinite(p).all() for p in params)
