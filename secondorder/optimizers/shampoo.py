@@ -75,9 +75,12 @@ class Shampoo(SecondOrderOptimizer):
     gains) get the graft's diagonal method instead of a full ``d × d`` factor unless
     ``precondition_1d=True`` (merged small matrices are still preconditioned); optimizer
     state of bf16 parameters is float32; decoupled decay is applied as AdamW does, outside
-    momentum; nothing is written to disk on failure; a block whose gradient is not finite
-    is skipped for that step (no state change, counted and warned) instead of poisoning its
-    factors.
+    momentum (``weight_decay_type="decoupled_before_momentum"`` is distributed_shampoo's
+    form); nothing is written to disk on failure; a block whose gradient is not finite is
+    skipped for that step (its statistics, moments, momentum and weight unchanged except for
+    AdamW-style decay, counted) instead of poisoning its factors. The screen runs on the
+    device and masks the updates, so plain steps never wait for the device; the warning,
+    and keeping a skipped block's root or basis, happen at the next refresh step.
 
     Args:
         params: iterable of parameters or param-group dicts.
