@@ -246,8 +246,8 @@ class Shampoo(SecondOrderOptimizer):
         self.distributor = resolve_distributor(distributor)
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
-        self._shard_prefixes: dict[int, str] = {}
-        self._skips_reported: dict[int, int] = {}  # id(block state) → skips already warned about  # id(FSDP2 param) → its shard's state-key prefix
+        self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
+        self._skips_reported: dict[int, int] = {}  # id(block state) → skips already warned about
 
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
