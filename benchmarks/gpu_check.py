@@ -57,17 +57,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _elapsed_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median ms of ``fn()`` over ``reps`` calls after one warm-up, synchronising around each."""
-    fn()
+def _elapsed_ms(fn: Callable[..., Any], device: torch.device, reps: int, *args: Any) -> float:
+    """Median ms of ``fn(*args)`` over ``reps`` calls after one warm-up, synchronising around each."""
+    fn(*args)
     times = []
     for _ in range(reps):
         _sync(device)
         start = time.perf_counter()
-        fn()
+        fn(*args)
         _sync(device)
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def _factor_products(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return g @ g.T, g.T @ g
+
+
+def _root(vectors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (vectors * scale) @ vectors.T
 
 
 def block_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
@@ -86,8 +94,8 @@ def floors(shapes: list[tuple[int, ...]], device: torch.device, reps: int) -> di
         if len(shape) == 1:  # a small matrix merged into a vector: one d×d factor
             g = torch.randn(shape[0], generator=gen, device=device)
             root_matrix = torch.randn(shape[0], shape[0], generator=gen, device=device)
-            outer = _elapsed_ms(lambda: torch.outer(g, g), device, reps)
-            apply = _elapsed_ms(lambda: root_matrix @ g, device, reps)
+            outer = _elapsed_ms(torch.outer, device, reps, g, g)
+            apply = _elapsed_ms(torch.matmul, device, reps, root_matrix, g)
             root_step += outer + apply
             soap_step += outer + 3 * apply
             dims.append(shape[0])
@@ -95,9 +103,10 @@ def floors(shapes: list[tuple[int, ...]], device: torch.device, reps: int) -> di
         m, n = shape
         if (m, n) not in timed:
             g = torch.randn(m, n, generator=gen, device=device)
-            left, right = torch.randn(m, m, generator=gen, device=device), torch.randn(n, n, generator=gen, device=device)
-            products = _elapsed_ms(lambda: (g @ g.T, g.T @ g), device, reps)
-            sandwich = _elapsed_ms(lambda: left.T @ g @ right, device, reps)
+            left = torch.randn(m, m, generator=gen, device=device)
+            right = torch.randn(n, n, generator=gen, device=device)
+            products = _elapsed_ms(_factor_products, device, reps, g)
+            sandwich = _elapsed_ms(torch.linalg.multi_dot, device, reps, [left.T, g, right])
             timed[m, n] = (products, sandwich, 0.0)
         products, sandwich, _ = timed[m, n]
         root_step += products + sandwich
@@ -110,9 +119,9 @@ def floors(shapes: list[tuple[int, ...]], device: torch.device, reps: int) -> di
         vectors = torch.linalg.eigh(spd).eigenvectors
         scale = torch.rand(d, generator=gen, device=device)
         count = dims.count(d)
-        eigh += count * _elapsed_ms(lambda: torch.linalg.eigh(spd), device, 3)
-        root += count * _elapsed_ms(lambda: (vectors * scale) @ vectors.T, device, reps)
-        qr += count * _elapsed_ms(lambda: warm_started_eigenbasis(spd, vectors), device, reps)
+        eigh += count * _elapsed_ms(torch.linalg.eigh, device, 3, spd)
+        root += count * _elapsed_ms(_root, device, reps, vectors, scale)
+        qr += count * _elapsed_ms(warm_started_eigenbasis, device, reps, spd, vectors)
     return {"root_per_step_ms": root_step, "root_per_refresh_ms": eigh + root, "soap_per_step_ms": soap_step,
             "soap_per_refresh_ms": eigh, "qr_per_refresh_ms": qr}
 

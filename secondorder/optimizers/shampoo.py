@@ -240,7 +240,8 @@ class Shampoo(SecondOrderOptimizer):
             eigenvalue_correction=eigenvalue_correction,
             inverse_exponent_override=inverse_exponent_override, precondition_1d=precondition_1d,
             use_bias_correction=use_bias_correction, factor_dtype=factor_dtype,
-            refresh_method=refresh_method, packed_factors=packed_factors, differentiable=False, foreach=None, fused=None,
+            refresh_method=refresh_method, packed_factors=packed_factors,
+            differentiable=False, foreach=None, fused=None,
         )
         super().__init__(params, defaults)
         self.distributor = resolve_distributor(distributor)
@@ -262,7 +263,8 @@ class Shampoo(SecondOrderOptimizer):
         # or Adam in the identity basis (SOAP mode), as in distributed_shampoo.
         correction_exponent = _soap_exponent(exponents) if group["eigenvalue_correction"] else 0.5
         return KroneckerFactors(
-            exponents, beta2=group["betas"][1], epsilon=group["epsilon"], correction_exponent=correction_exponent,
+            exponents, beta2=group["betas"][1], epsilon=group["epsilon"],
+            correction_exponent=correction_exponent,
             relative_epsilon=group["relative_epsilon"],
             eigenvalue_corrected=group["eigenvalue_correction"], factor_dtype=group["factor_dtype"],
             use_bias_correction=group["use_bias_correction"], refresh_method=group["refresh_method"],
@@ -355,7 +357,8 @@ class Shampoo(SecondOrderOptimizer):
             zeros = lambda: torch.zeros(block.shape, dtype=state_dtype, device=block.device)  # noqa: E731
             block_state = strategy.init_state(block) if strategy is not None else {
                 "failed": torch.zeros((), dtype=torch.int64)}
-            block_state["skipped"] = torch.zeros((), dtype=torch.int64, device=block.device)  # masked, never read per step
+            # On the block's device: updated by masks, read back only at refresh steps.
+            block_state["skipped"] = torch.zeros((), dtype=torch.int64, device=block.device)
             if group["betas"][0] > 0:
                 block_state["exp_avg"] = zeros()
             kind = self._diagonal_kind(group)
@@ -394,7 +397,7 @@ class Shampoo(SecondOrderOptimizer):
             update_second_moments(kind, [state["graft_sq"] for state in states], grads, graft_beta2, keep=keep)
         # Amortised roots, batched across the blocks whose schedule fires at this step.
         due: dict[int, list] = {}
-        for index, (strategy, state, step) in enumerate(zip(strategies, states, steps)):
+        for index, (strategy, step) in enumerate(zip(strategies, steps)):
             if strategy is not None and (step == start or (step > start and step % frequency == 0)):
                 due.setdefault(step, []).append(index)
         if due:  # refreshes synchronise anyway: skipped blocks keep their roots, skips are reported
@@ -409,7 +412,8 @@ class Shampoo(SecondOrderOptimizer):
         filtered = grads
         if beta1 > 0:
             averages = [state["exp_avg"] for state in states]
-            torch._foreach_lerp_(averages, grads, list(keep_where(keep, 1 - beta1, 0.0, averages[0].dtype).unbind()))
+            weights_beta1 = keep_where(keep, 1 - beta1, 0.0, averages[0].dtype)
+            torch._foreach_lerp_(averages, grads, list(weights_beta1.unbind()))
             corrections = [bias_correction(beta1, step) if group["use_bias_correction"] else 1.0 for step in steps]
             filtered = torch._foreach_div(averages, corrections)
         needs_graft = [strategy is None or group["grafting"] != "none" or step < start
@@ -423,8 +427,8 @@ class Shampoo(SecondOrderOptimizer):
         directions = [self._direction(group, strategies[i], states[i], steps[i], filtered[i], graft_of.get(i), start)
                       for i in range(len(blocks))]
         if group["weight_decay_type"] == "decoupled_before_momentum" and group["weight_decay"] != 0:
-            torch._foreach_add_(directions, [weight.to(direction.dtype) for weight, direction in zip(weights, directions)],
-                                alpha=group["weight_decay"])
+            decayed = [weight.to(direction.dtype) for weight, direction in zip(weights, directions)]
+            torch._foreach_add_(directions, decayed, alpha=group["weight_decay"])
         masks = list(keep.to(directions[0].dtype).unbind())
         torch._foreach_mul_(directions, masks)  # a skipped block moves by nothing
         if group["momentum"] > 0:
@@ -461,7 +465,7 @@ class Shampoo(SecondOrderOptimizer):
         if not jobs:
             return []
         work = []
-        for _, param, key, step, grad, weight in jobs:
+        for *_, grad, weight in jobs:
             work_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
             grad = grad.to(work_dtype)
             if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:

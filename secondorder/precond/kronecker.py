@@ -148,10 +148,10 @@ class KroneckerFactors:
         state: BlockState = {"failed": torch.zeros((), dtype=torch.int64)}
         for k in self.factored:
             d = block.shape[k]
-            identity = torch.eye(d, **options)
-            state[f"factor_{k}"] = pack_upper(torch.zeros(d, d, **options)) if self.packed else torch.zeros(d, d, **options)
-            state[f"{self._inverse_key}_{k}"] = pack_upper(identity) if self.packed and not self.eigenvalue_corrected \
-                else identity
+            identity, zeros = torch.eye(d, **options), torch.zeros(d, d, **options)
+            state[f"factor_{k}"] = pack_upper(zeros) if self.packed else zeros
+            packed_root = self.packed and not self.eigenvalue_corrected  # bases are never packed
+            state[f"{self._inverse_key}_{k}"] = pack_upper(identity) if packed_root else identity
         if self.eigenvalue_corrected:
             state["corrected"] = torch.zeros(block.shape, **options)
         return state

@@ -166,7 +166,8 @@ def test_newton_falls_back_to_eigh_for_non_integer_roots_and_failures(monkeypatc
     newton = KroneckerFactors((0.3, 0.25), refresh_method="newton", **options)
     state_newton, _ = accumulate(newton, (6, 4), 15)
     compute_inverses([(KroneckerFactors((0.3, 0.25), **options), state_eigh)], 15)
-    monkeypatch.setattr(kronecker, "coupled_newton_inverse_root", lambda matrix, root, **_: (matrix * math.nan, math.nan))
+    monkeypatch.setattr(kronecker, "coupled_newton_inverse_root",
+                        lambda matrix, root, **_: (matrix * math.nan, math.nan))
     assert compute_inverses([(newton, state_newton)], 15) == [True]
     for k in (0, 1):
         torch.testing.assert_close(state_newton[f"root_{k}"], state_eigh[f"root_{k}"], atol=1e-12, rtol=0)
@@ -268,9 +269,10 @@ def test_packed_factors_give_the_same_steps_with_less_state(options):
     results, sizes = [], []
     for packed in (False, True):
         torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(6, 5, dtype=torch.float64)), nn.Parameter(torch.randn(4, 3, 2, dtype=torch.float64))]
-        optimizer = Shampoo(params, lr=0.05, precondition_frequency=2, factor_dtype=torch.float64, packed_factors=packed,
-                            **options)
+        params = [nn.Parameter(torch.randn(6, 5, dtype=torch.float64)),
+                  nn.Parameter(torch.randn(4, 3, 2, dtype=torch.float64))]
+        optimizer = Shampoo(params, lr=0.05, precondition_frequency=2, factor_dtype=torch.float64,
+                            packed_factors=packed, **options)
         generator = torch.Generator().manual_seed(1)
         for _ in range(6):
             for p in params:
