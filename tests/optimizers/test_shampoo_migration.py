@@ -231,18 +231,28 @@ def test_soap_mode_accepts_an_early_start():
 
 # ----- against distributed_shampoo itself, where it is installed -----------------------------
 
+def _float64(config_class, **kwargs):
+    """The config with every ``*_dtype`` field it has set to float64 (field names vary by version)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    dtypes = {name: torch.float64 for name in names if name.endswith("_dtype")}
+    return config_class(**dtypes, **{k: v for k, v in kwargs.items() if k in names})
+
+
 def _meta_rows():
     shampoo = pytest.importorskip("distributed_shampoo")
+    types = pytest.importorskip("distributed_shampoo.shampoo_types")
+    decay_type = getattr(shampoo, "WeightDecayType", None) or getattr(types, "WeightDecayType", None)
+    decoupled = {} if decay_type is None else {"weight_decay_type": decay_type.DECOUPLED}
     adam = shampoo.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
     return shampoo, {
         "adam_grafting_root_inverse": dict(
-            betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.01, grafting_config=adam,
-            weight_decay_type=shampoo.WeightDecayType.DECOUPLED,
-            preconditioner_config=shampoo.RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64)),
+            betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.01, grafting_config=adam, **decoupled,
+            preconditioner_config=_float64(shampoo.RootInvShampooPreconditionerConfig)),
         "eigenvalue_corrected_eigh": dict(
             betas=(0.9, 0.95), epsilon=1e-8, weight_decay=0.0, grafting_config=None,
-            preconditioner_config=shampoo.EigenvalueCorrectedShampooPreconditionerConfig(
-                factor_matrix_dtype=torch.float64)),
+            preconditioner_config=_float64(shampoo.EigenvalueCorrectedShampooPreconditionerConfig)),
     }
 
 
