@@ -63,7 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
-    parser.add_argument("--communication-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--communication-dtype",
+        choices=("exact", "float32", "bfloat16"),
+        default="exact",
+        help="dtype of the all-gathered updates (default: each block's own dtype, lossless)",
+    )
     args = parser.parse_args(argv)
     if args.optimizer not in REGISTRY:
         parser.error(f"unknown optimizer {args.optimizer!r}")
@@ -87,7 +92,11 @@ def setup() -> tuple[int, int, torch.device]:
 
 
 def make_optimizer(
-    name: str, model: torch.nn.Module, world_size: int, communication_dtype: torch.dtype, full: bool = False
+    name: str,
+    model: torch.nn.Module,
+    world_size: int,
+    communication_dtype: torch.dtype | None,
+    full: bool = False,
 ) -> torch.optim.Optimizer:
     """The registry's optimizer for W2 (its full-size settings with ``full``), distributed when
     it takes ``distributor=``."""
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     optimizer = make_optimizer(
-        args.optimizer, model, world_size, getattr(torch, args.communication_dtype), args.full
+        args.optimizer, model, world_size, None if args.communication_dtype == "exact" else getattr(torch, args.communication_dtype),
+        args.full,
     )
     wrapped = DistributedDataParallel(model) if world_size > 1 and not sharded else model
     base_lrs = [group["lr"] for group in optimizer.param_groups]
