@@ -7,7 +7,9 @@
 * :mod:`~secondorder.distributed.ownership` — layer ownership for the capture-based optimizers;
 * :mod:`~secondorder.distributed.full_view` / :mod:`~secondorder.distributed.sharding` —
   FSDP2 (DTensor) parameters: full views for layer optimizers, per-shard state for Shampoo;
-* :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding.
+* :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding, and
+  :mod:`~secondorder.distributed.checkpoint_files` — atomic commits, completion markers,
+  newest-complete lookup, pruning and preflight checks.
 
 Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distributor`)::
 
@@ -16,7 +18,15 @@ Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distribu
     optimizer = secondorder.Shampoo(model.parameters(), lr=1e-3, distributor=True)
 """
 
-from secondorder.distributed.checkpoint import load_checkpoint, save_checkpoint
+from secondorder.distributed.checkpoint import (
+    CheckpointError,
+    RNGStates,
+    check_checkpoint_dir,
+    checkpoint_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from secondorder.distributed.distributor import (
     AllGatherDistributor,
     Distributor,
@@ -26,8 +36,13 @@ from secondorder.distributed.distributor import (
 
 __all__ = [
     "AllGatherDistributor",
+    "CheckpointError",
     "Distributor",
+    "RNGStates",
     "assign_owners",
+    "check_checkpoint_dir",
+    "checkpoint_bytes",
+    "latest_checkpoint",
     "load_checkpoint",
     "resolve_distributor",
     "save_checkpoint",
