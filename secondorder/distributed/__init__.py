@@ -4,7 +4,11 @@
 * :mod:`~secondorder.distributed.distributor` — owner assignment and the per-step
   collectives (:class:`Distributor` for one process, :class:`AllGatherDistributor` for
   ``torchrun`` data parallelism);
-* :mod:`~secondorder.distributed.ownership` — layer ownership for the capture-based optimizers;
+* :mod:`~secondorder.distributed.ownership` — layer ownership for the capture-based optimizers,
+  and :mod:`~secondorder.distributed.state_gather` — every layer's state on every rank
+  (influence factors from a distributed EK-FAC);
+* :mod:`~secondorder.distributed.elastic` — joining the process group under ``torchrun`` so
+  that restarts reconnect and lost or frozen peers end in bounded time;
 * :mod:`~secondorder.distributed.full_view` / :mod:`~secondorder.distributed.sharding` —
   FSDP2 (DTensor) parameters: full views for layer optimizers, per-shard state for Shampoo;
 * :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding, and
