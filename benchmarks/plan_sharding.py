@@ -52,10 +52,11 @@ class PlanningDistributor(Distributor):
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self.costs: list[float] = []
+        self.sizes: list[float] | None = None
 
-    def assign(self, costs: Sequence[float]) -> list[int]:
-        self.costs = list(costs)
-        return assign_owners(costs, self.world_size)
+    def assign(self, costs: Sequence[float], sizes: Sequence[float] | None = None) -> list[int]:
+        self.costs, self.sizes = list(costs), None if sizes is None else list(sizes)
+        return assign_owners(costs, self.world_size, sizes)
 
 
 def transformer_layout(d_model: int, layers: int, d_ff: int, vocab: int) -> list[dict[str, Any]]:
@@ -115,7 +116,8 @@ def plan(model: nn.Module, family: str, world_size: int, max_preconditioner_dim:
             optimizer = make(params, model=model, distributor=distributor)
         blocks, owners = optimizer._ownership.blocks()
         floats = [block_state_floats(family, block=block, module=module_of[id(block[0])]) for block in blocks]
-    return {"owners": owners, "costs": distributor.costs, "bytes": [FLOAT_BYTES * f for f in floats]}
+    return {"owners": owners, "costs": distributor.costs, "sizes": distributor.sizes,
+            "bytes": [FLOAT_BYTES * f for f in floats]}
 
 
 def block_state_floats(

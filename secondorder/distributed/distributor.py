@@ -38,28 +38,60 @@ _COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.flo
 _REDUCE_OPS = ("mean", "sum")
 
 
-def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
-    """Deterministic cost-balanced (LPT) assignment of blocks to ranks.
+def assign_owners(
+    costs: Sequence[float], world_size: int, sizes: Sequence[float] | None = None
+) -> list[int]:
+    """Deterministic balanced (LPT) assignment of blocks to ranks.
 
-    Blocks are taken largest cost first (ties keep list order, which comes from param_groups
-    order only) and each goes to the currently least-loaded rank (ties to the lowest rank).
+    With ``costs`` only: blocks are taken largest cost first (ties keep list order, which
+    comes from param_groups order only) and each goes to the currently least-loaded rank
+    (ties to the lowest rank).
+
+    With ``sizes`` too (each block's optimizer-state bytes), both are balanced: each block
+    counts as its share of the total cost and of the total size, blocks are taken by the
+    larger of their two shares, and each goes to the rank whose larger resulting share,
+    ``max(cost share, size share)``, is smallest (ties: the smaller sum of the two, then the
+    lowest rank). Compute-heavy blocks then no longer pile up memory on one rank (a
+    ``d³`` eigendecomposition cost says little about the ``d²`` state).
 
     Args:
         costs: one non-negative cost per block, in global block order.
         world_size: number of ranks.
+        sizes: optionally one non-negative state size per block.
 
     Returns:
         The owner rank of every block.
     """
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size}")
+    if sizes is not None and len(sizes) != len(costs):
+        raise ValueError(f"Invalid sizes: {len(sizes)} sizes for {len(costs)} blocks")
     owners = [0] * len(costs)
-    loads = [(0.0, rank) for rank in range(world_size)]
-    order = sorted(range(len(costs)), key=lambda index: -costs[index])
+    if sizes is None:
+        loads = [(0.0, rank) for rank in range(world_size)]
+        order = sorted(range(len(costs)), key=lambda index: -costs[index])
+        for index in order:
+            load, rank = heapq.heappop(loads)
+            owners[index] = rank
+            heapq.heappush(loads, (load + costs[index], rank))
+        return owners
+    total_cost, total_size = float(sum(costs)) or 1.0, float(sum(sizes)) or 1.0
+    shares = [(c / total_cost, b / total_size) for c, b in zip(costs, sizes, strict=True)]
+    order = sorted(range(len(costs)), key=lambda index: -max(shares[index]))
+    cost_loads, size_loads = [0.0] * world_size, [0.0] * world_size
     for index in order:
-        load, rank = heapq.heappop(loads)
+        cost, size = shares[index]
+        rank = min(
+            range(world_size),
+            key=lambda r: (
+                max(cost_loads[r] + cost, size_loads[r] + size),
+                cost_loads[r] + size_loads[r],
+                r,
+            ),
+        )
         owners[index] = rank
-        heapq.heappush(loads, (load + costs[index], rank))
+        cost_loads[rank] += cost
+        size_loads[rank] += size
     return owners
 
 
@@ -69,9 +101,10 @@ class Distributor:
     rank: int = 0
     world_size: int = 1
 
-    def assign(self, costs: Sequence[float]) -> list[int]:
-        """Owner rank of each block (see :func:`assign_owners`)."""
-        return assign_owners(costs, self.world_size)
+    def assign(self, costs: Sequence[float], sizes: Sequence[float] | None = None) -> list[int]:
+        """Owner rank of each block, balancing costs (and state sizes when given; see
+        :func:`assign_owners`)."""
+        return assign_owners(costs, self.world_size, sizes)
 
     def all_gather_updates(
         self,

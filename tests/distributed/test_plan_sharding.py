@@ -92,11 +92,11 @@ def test_state_formulas_match_real_state(family):
 def test_plan_is_the_real_assignment(family):
     meta = build_meta_model(LAYOUT)
     result = plan(meta, family, 3, MAX_DIM)
-    assert result["owners"] == assign_owners(result["costs"], 3)
+    assert result["owners"] == assign_owners(result["costs"], 3, result["sizes"])
     assert len(result["owners"]) == len(result["bytes"]) > 1
     # The costs are the ones the optimizer itself hands its distributor in training.
     real = plan(_real_model(), family, 3, MAX_DIM)
-    assert real["costs"] == result["costs"]
+    assert real["costs"] == result["costs"] and real["sizes"] == result["sizes"]
 
 
 def test_main_prints_every_family_and_rank_count(tmp_path, capsys):
