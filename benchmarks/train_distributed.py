@@ -207,7 +207,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     optimizer = make_optimizer(
-        args.optimizer, model, world_size, None if args.communication_dtype == "exact" else getattr(torch, args.communication_dtype),
+        args.optimizer,
+        model,
+        world_size,
+        None if args.communication_dtype == "exact" else getattr(torch, args.communication_dtype),
         args.full,
     )
     wrapped = DistributedDataParallel(model) if world_size > 1 and not sharded else model
@@ -233,7 +236,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         where = os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else "nowhere (no --checkpoint-dir)"
         print(
             f"TensorBoard logs: {logdir}\ncheckpoints: {where}"
-            + (f" (every {args.checkpoint_every} steps, the newest {args.keep_last} kept)" if args.checkpoint_dir else ""),
+            + (
+                f" (every {args.checkpoint_every} steps, the newest {args.keep_last} kept)"
+                if args.checkpoint_dir
+                else ""
+            ),
             flush=True,
         )
 

@@ -36,6 +36,12 @@ run come back without state (DCP's template
 step gives every parameter a zero gradient; :func:`load_checkpoint` drops what the checkpoint
 lacks). Every rank must call :func:`save_checkpoint` / :func:`load_checkpoint` (they are collective,
 and the template step runs the distributor's all-gather).
+
+Faults: a save is committed atomically (a hidden partial directory, a completion marker listing
+every file with its size, a rename; :mod:`~secondorder.distributed.checkpoint_files`), so a
+killed rank leaves the previous checkpoint or the new one, never a mix; :func:`load_checkpoint`
+reads only complete checkpoints (given a folder, the newest). ``extra`` takes DCP ``Stateful``
+objects besides tensors; :class:`RNGStates` saves each rank's random streams under its own key.
 """
 
 from __future__ import annotations
@@ -58,7 +64,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-
 from torch.distributed.checkpoint.stateful import Stateful
 
 from secondorder.distributed import checkpoint_files
