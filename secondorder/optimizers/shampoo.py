@@ -329,10 +329,21 @@ class Shampoo(SecondOrderOptimizer):
             # FSDP2 shards are not distributed further: each rank preconditions its own.
             self._shard_prefixes = {id(p): shard_key_prefix(p) for group in self.param_groups
                                     for p in group["params"] if is_sharded(p)}
-            costs = [sum(d**3 + 4 * d * d for d in shape) + 3 * math.prod(shape)
-                     for group in self.param_groups for p in group["params"] if id(p) not in self._shard_prefixes
-                     for shape in self._layout(p, group).shapes]
-            self._block_signature, self._owners = signature, self.distributor.assign(costs)
+            costs, sizes = [], []
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) in self._shard_prefixes:
+                        continue
+                    for shape in self._layout(p, group).shapes:
+                        numel = math.prod(shape)
+                        costs.append(sum(d**3 + 4 * d * d for d in shape) + 3 * numel)
+                        # State elements: factors and roots (or bases) per dim, plus the
+                        # moments (Λ too in SOAP mode); 1-D blocks keep only the moments.
+                        kronecker = p.dim() > 1 or group["precondition_1d"]
+                        sizes.append((sum(2 * d * d for d in shape) if kronecker else 0)
+                                     + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel)
+            self._block_signature = signature
+            self._owners = self.distributor.assign(costs, sizes)
         return self._owners
 
     # -- the step ---------------------------------------------------------------------------
