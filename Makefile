@@ -28,6 +28,7 @@ REFERENCE_PACKAGES ?= kronfluence==1.0.1 singd==0.0.5
 install-test: .torch-stamp
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps $(REFERENCE_PACKAGES)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > .torch-constraint.txt && $(PIP) install --quiet -c .torch-constraint.txt -e ".[integrations]"
 
 install-bench: .torch-stamp
 	$(PIP) install --quiet -e ".[bench]"
@@ -52,4 +53,4 @@ lint: install-test
 	$(PY) -m ruff check secondorder tests benchmarks
 
 clean:
-	rm -rf $(VENV) .torch-stamp *.egg-info
+	rm -rf $(VENV) .torch-stamp .torch-constraint.txt *.egg-info
