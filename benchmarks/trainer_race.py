@@ -19,6 +19,7 @@ capture optimizers. Written to ``--out`` (default ``bench_results/trainer_race``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--out", default=os.path.join("bench_results", "trainer_race"))
+    parser.add_argument("--previous", default=None,
+                        help="a trainer_race.json whose runs join the table (e.g. an earlier run "
+                             "with other lr factors; same settings)")
     args = parser.parse_args(argv)
     models, names = args.models.split(","), args.optimizers.split(",")
     factors = [float(f) for f in args.lr_factors.split(",")]
@@ -141,17 +145,34 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     data = lm_datasets(n_train=8 * args.steps, n_test=128, context=args.context)
     runs = []
+    if args.previous is not None:
+        with open(args.previous) as handle:
+            previous = json.load(handle)
+        for key in ("steps", "context", "width"):
+            if previous["settings"][key] != getattr(args, key):
+                raise ValueError(f"Invalid previous: its {key} is {previous['settings'][key]}")
+        runs = [{**run, "capture": None if run["capture"] is None else tuple(run["capture"])}
+                for run in previous["runs"]]
+        models = list(dict.fromkeys([run["model"] for run in runs] + models))
+        names = list(dict.fromkeys([run["optimizer"] for run in runs] + names))
+        factors_run = {(run["model"], run["optimizer"], run["factor"]) for run in runs}
+    else:
+        factors_run = set()
     for model_name in models:
         for name in names:
             for factor in factors:
+                if (model_name, name, factor) in factors_run or name not in args.optimizers.split(","):
+                    continue
                 run = run_one(model_name, name, factor, data, args.steps, args.context, args.width)
                 runs.append(run)
                 print(f"{model_name:13s} {name:13s} lr={run['lr']:.3g} held-out {run['held_out']:.4f} "
                       f"train {run['train_loss']:.4f} {run['seconds']:.1f}s capture {run['capture']}",
                       flush=True)
-    settings = {k: getattr(args, k) for k in ("steps", "context", "width", "lr_factors")}
-    table = (f"Held-out loss after {args.steps} Trainer steps (best over lr × {args.lr_factors}), "
-             f"settings {settings}\n\n{best_table(runs, models, names)}\n\n"
+    settings = {k: getattr(args, k) for k in ("steps", "context", "width")}
+    factors_used = sorted({run["factor"] for run in runs})
+    settings["lr_factors"] = ",".join(f"{f:g}" for f in factors_used)
+    table = (f"Held-out loss after {args.steps} Trainer steps (best over lr × {{{settings['lr_factors']}}} "
+             f"of the registry's W2 lr), settings {settings}\n\n{best_table(runs, models, names)}\n\n"
              f"Capture: tracked layers / tracked parameter tensors / fallback parameter tensors\n\n"
              f"{counts_table(runs, models, names)}\n")
     print("\n" + table)
