@@ -33,7 +33,12 @@ from torch.utils.data import default_collate
 
 from secondorder.influence.task import InfluenceTask
 from secondorder.precond.capture import LayerCapture, LayerStats
-from secondorder.precond.capture_layers import CapturedLayer, module_kind
+from secondorder.precond.capture_layers import (
+    KRONECKER_KINDS,
+    CapturedLayer,
+    module_kind,
+    module_parameters,
+)
 
 __all__ = [
     "FISHER_MODES",
@@ -45,7 +50,7 @@ __all__ = [
 ]
 
 FISHER_MODES = ("empirical", "sampled", "exact")
-SUPPORTED_KINDS = ("linear", "conv2d", "embedding")
+SUPPORTED_KINDS = KRONECKER_KINDS
 
 
 def resolve_indices(dataset: Any, indices: Sequence[int] | None, name: str) -> list[int]:
@@ -195,20 +200,20 @@ class LayerRecorder:
                 if module_kind(modules[name]) not in SUPPORTED_KINDS:
                     raise ValueError(
                         f"Invalid tracked module: {name!r} is a {type(modules[name]).__name__}; "
-                        f"supported: Linear, Conv2d, Embedding"
+                        f"supported kinds: {SUPPORTED_KINDS}"
                     )
                 chosen.append(modules[name])
         params = []
         self._frozen: list[Tensor] = []  # switched on for the backward passes, restored by close
         for module in chosen:
-            for parameter in (module.weight, getattr(module, "bias", None)):
+            for parameter in module_parameters(module):
                 if isinstance(parameter, Tensor):
                     if not parameter.requires_grad:
                         self._frozen.append(parameter)
                     params.append(parameter)
         if not params:
             raise ValueError(
-                "Invalid task: no supported module (Linear, Conv2d, Embedding) is tracked"
+                f"Invalid task: no supported module (kinds {SUPPORTED_KINDS}) is tracked"
             )
         self._params = params
         for parameter in self._frozen:
@@ -250,8 +255,9 @@ class LayerRecorder:
                 )
             item = stats[layer]
             inputs, grads = item.inputs, item.output_grads
-            if mask is not None and mask.shape == inputs.shape[:2]:
-                keep = mask.to(device=inputs.device, dtype=torch.bool)
+            repeats = _mask_repeats(mask, inputs)
+            if repeats:  # a layer applied k times (tied or shared weight): k blocks of T rows
+                keep = mask.to(device=inputs.device, dtype=torch.bool).repeat(1, repeats)
                 if layer.kind == "embedding":
                     inputs = torch.where(keep, inputs, torch.full_like(inputs, -1))
                 else:
@@ -311,3 +317,17 @@ class LayerRecorder:
     def loss_pass(self, batch: Any) -> dict[str, LayerRows]:
         """Rows of the (empirical) training loss of ``batch`` (per-example training gradients)."""
         return self.train_passes(batch, "empirical")[0]
+
+
+def _mask_repeats(mask: Tensor | None, inputs: Tensor) -> int:
+    """How many ``(N, T)`` blocks of ``mask`` cover the rows ``inputs (N, k·T, …)`` (0: none).
+
+    A weight applied ``k`` times per pass (a module called twice, an embedding tied to the
+    head) has its calls concatenated along positions, ``T`` rows each.
+    """
+    if mask is None or mask.dim() != 2 or mask.shape[0] != inputs.shape[0]:
+        return 0
+    length = mask.shape[1]
+    if length == 0 or inputs.shape[1] % length:
+        return 0
+    return inputs.shape[1] // length

@@ -8,8 +8,6 @@ behaviour and defects.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,15 +16,15 @@ from torch import Tensor, nn
 from secondorder.distributed.distributor import Distributor
 from secondorder.optimizers.base import ParamsT, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
-from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
-from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.optimizers.validation import check_choice, check_int, check_real
+from secondorder.precond.capture import DENSE_KINDS, NORM_KINDS, CapturedLayer, LayerStats
 from secondorder.precond.fisher_diagonal import (
     diagonal_statistics,
     fisher_diagonal,
     minmax_normalize,
 )
 from secondorder.precond.kfac import statistics_dtype
-from secondorder.precond.linalg import NumericalWarning, bias_correction
+from secondorder.precond.linalg import bias_correction
 
 EMA_MODES = ("paper", "reference")
 UNSUPPORTED_MODES = ("adam", "identity")
@@ -112,8 +110,10 @@ class AdaFisher(CapturingOptimizer):
             optimizer.step()
     """
 
-    capture_kinds = ("linear", "conv2d", "layernorm", "batchnorm")
-    decoupled_weight_decay = False
+    capture_kinds = DENSE_KINDS + NORM_KINDS
+    momentum_rule = "none"  # the paper's EMA comes before the division by F̃ (``_layer_directions``)
+    _meaning_keys = ("weight_decay_type",)  # AdaFisher (coupled L2) vs AdaFisherW (decoupled)
+    weight_decay_types = ("l2", "decoupled")
 
     def __init__(
         self,
@@ -125,40 +125,39 @@ class AdaFisher(CapturingOptimizer):
         weight_decay: float = 0.0,
         *,
         model: nn.Module | None = None,
+        weight_decay_type: str = "l2",
         update_freq: int = 100,
         ema: str = "paper",
         minmax_eps: float = 1e-6,
         unsupported: str = "adam",
         eps: float = 1e-8,
         loss_reduction: str = "mean",
+        grad_scaler: torch.amp.GradScaler | None = None,
         distributor: Distributor | bool | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
-        params, model = split_model_argument(params, model)
-        check_real("lr", lr, low=0.0)
-        check_betas("betas", betas)
-        check_real("damping", damping, low=0.0, low_inclusive=False)
-        check_real("gamma", gamma, low=0.0, high=1.0, high_inclusive=False)
-        check_real("weight_decay", weight_decay, low=0.0)
-        check_int("update_freq", update_freq, low=1)
-        check_choice("ema", ema, EMA_MODES)
-        check_real("minmax_eps", minmax_eps, low=0.0, low_inclusive=False)
-        check_choice("unsupported", unsupported, UNSUPPORTED_MODES)
-        check_real("eps", eps, low=0.0, low_inclusive=False)
+        params, model = split_model_argument(params, model, lr)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            damping=damping,
-            gamma=gamma,
-            weight_decay=weight_decay,
-            update_freq=update_freq,
-            ema=ema,
-            minmax_eps=minmax_eps,
-            unsupported=unsupported,
-            eps=eps,
+            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, damping=damping,
+            gamma=gamma, weight_decay=weight_decay, weight_decay_type=weight_decay_type,
+            update_freq=update_freq, ema=ema, minmax_eps=minmax_eps, unsupported=unsupported, eps=eps,
         )
-        super().__init__(params, defaults)
-        self._init_capture(model, loss_reduction, distributor)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
+        self._init_capture(model, loss_reduction, distributor, grad_scaler)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self._validate_common(group)
+        check_real("damping", group["damping"], low=0.0, low_inclusive=False)
+        check_real("gamma", group["gamma"], low=0.0, high=1.0, high_inclusive=False)
+        check_int("update_freq", group["update_freq"], low=1)
+        check_choice("ema", group["ema"], EMA_MODES)
+        check_real("minmax_eps", group["minmax_eps"], low=0.0, low_inclusive=False)
+        check_choice("unsupported", group["unsupported"], UNSUPPORTED_MODES)
 
     def _stats_due(self, group: dict[str, Any], step: int) -> bool:
         return (step - 1) % group["update_freq"] == 0
@@ -192,34 +191,39 @@ class AdaFisher(CapturingOptimizer):
             }
         return report
 
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimization step (class docstring); returns the closure's loss."""
-        loss = self._evaluate_closure(closure)
-        with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
-            stats = self._pop_statistics()
-            groups = self._groups_by_param()
-            fishers: dict[int, Tensor] = {}
-            for layer in self.capture.layers:
-                if not any(p is not None and p.grad is not None for p in (layer.weight, layer.bias)):
-                    continue
-                group = groups[id(layer.weight)]
-                state = self.state[layer.weight]
-                self._init_layer_state(layer, state, group)
-                step = int(state["step"]) + 1 if "step" in state else 1
-                if layer in stats and self._stats_due(group, step):
-                    self._refresh(layer, state, stats[layer], group)
-                fisher_weight, fisher_bias = self._layer_fisher(layer, group)
-                fishers[id(layer.weight)] = fisher_weight
-                if fisher_bias is not None:
-                    fishers[id(layer.bias)] = fisher_bias
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._update(param, group, fishers.get(id(param)))
-        self._refresh_recording()
-        return loss
+    # ------------------------------------------------------------------ the rule
+    def _layer_directions(self, layers: list[CapturedLayer], stats: dict[CapturedLayer, LayerStats],
+                          groups: dict[int, dict[str, Any]]) -> list[tuple[Tensor, Tensor | None]]:
+        """Refresh due layers' diagonals, then ``m̂ ⊘ F̃`` per parameter (class docstring)."""
+        directions = []
+        for layer in layers:
+            group = groups[id(layer.weight)]
+            state = self._param_state(layer.weight)
+            self._init_layer_state(layer, state, group)
+            if layer in stats and self._stats_due(group, int(state["step"]) + 1):
+                self._refresh(layer, state, stats[layer], group)
+            fisher_weight, fisher_bias = self._layer_fisher(layer, group)
+            for param, fisher in ((layer.weight, fisher_weight), (layer.bias, fisher_bias)):
+                if param is not None and param.grad is not None:
+                    directions.append((param, self._averaged(param, groups[id(param)]) / fisher))
+        return directions
+
+    def _averaged(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """``m ← βm + (1−β)g``; returns ``m̂ = m/(1−β^t)`` for the coming step ``t``."""
+        state = self._param_state(param)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros(param.shape, dtype=statistics_dtype(param.dtype), device=param.device)
+        beta1 = group["betas"][0]
+        state["exp_avg"].lerp_(self.prepared_gradient(param, group), 1 - beta1)
+        return state["exp_avg"] / bias_correction(beta1, int(state["step"]) + 1)
+
+    def _adam_direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """Untracked parameters: Adam (``unsupported="adam"``) or ``F̃ = 1`` (``"identity"``)."""
+        if group["unsupported"] == "adam":
+            return super()._adam_direction(param, group)
+        direction = self._averaged(param, group)
+        self.state[param]["step"].add_(1)
+        return direction
 
     def _init_layer_state(self, layer: CapturedLayer, state: dict, group: dict) -> None:
         if "activation_diagonal" in state:
@@ -230,7 +234,6 @@ class AdaFisher(CapturingOptimizer):
         state["gradient_diagonal"] = torch.ones(
             layer.out_features * layer.groups, dtype=dtype, device=device
         )
-        state["numerical_failures"] = torch.zeros((), dtype=torch.int64, device=device)
         self._assemble(state, group)
 
     @staticmethod
@@ -248,12 +251,7 @@ class AdaFisher(CapturingOptimizer):
     def _refresh(self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict) -> None:
         h_hat, s_hat = diagonal_statistics(layer, stats, state["activation_diagonal"].dtype)
         if not (torch.isfinite(h_hat).all() and torch.isfinite(s_hat).all()):
-            state["numerical_failures"].add_(1)
-            warnings.warn(
-                "AdaFisher: non-finite layer statistics (factors kept)",
-                NumericalWarning,
-                stacklevel=3,
-            )
+            self._numerical_failure(state, "non-finite layer statistics (factors kept)")
             return
         gamma = group["gamma"]
         if group["ema"] == "paper":
@@ -281,34 +279,12 @@ class AdaFisher(CapturingOptimizer):
             layer, state["fisher_activation"], state["fisher_gradient"], group["damping"]
         )
 
-    def _update(self, param: Tensor, group: dict, fisher: Tensor | None) -> None:
-        state = self.state[param]
-        fallback = fisher is None and group["unsupported"] == "adam"
-        self._init_param_state(state, param, second_moment=fallback)
-        state["step"].add_(1)
-        step = int(state["step"])
-        beta1, beta2 = group["betas"]
-        grad = param.grad.to(state["exp_avg"].dtype)
-        weight_decay = group["weight_decay"]
-        if not self.decoupled_weight_decay and weight_decay != 0:
-            grad = grad.add(param.to(grad.dtype), alpha=weight_decay)
-        if fallback:
-            update = self._adam_direction(state, grad, group, step)
-        else:
-            state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-            update = state["exp_avg"] / bias_correction(beta1, step)
-            if fisher is not None:
-                update = update / fisher
-        self._apply(param, update, group, self.decoupled_weight_decay)
-
 
 class AdaFisherW(AdaFisher):
     """AdaFisher with decoupled weight decay (``θ ← θ − η(m̂ ⊘ F̃ + κθ)``; default ``κ = 0.01``).
 
     Same arguments as :class:`AdaFisher`; only the weight-decay form and its default differ.
     """
-
-    decoupled_weight_decay = True
 
     def __init__(
         self,
@@ -320,4 +296,7 @@ class AdaFisherW(AdaFisher):
         weight_decay: float = 1e-2,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("weight_decay_type", "decoupled") != "decoupled":
+            raise ValueError("Invalid weight_decay_type: AdaFisherW's decay is decoupled; use AdaFisher for L2")
+        kwargs["weight_decay_type"] = "decoupled"
         super().__init__(params, lr, betas, damping, gamma, weight_decay, **kwargs)

@@ -1,21 +1,42 @@
-"""Shared plumbing of the optimizers that read layer statistics (EK-FAC, AdaFisher).
+"""The step shared by the optimizers that read layer statistics (EK-FAC, AdaFisher, SINGD).
 
 :class:`CapturingOptimizer` owns a :class:`~secondorder.precond.capture.LayerCapture` built from
 the optimizer's parameters (identity-matched to layers), rebuilds it when a param group is
-added, switches recording on only for steps whose schedule needs statistics (recomputed after
-``load_state_dict``), and provides the pieces both update rules share: the Adam-style fallback
-for parameters outside tracked layers, bias-corrected momentum and the two weight-decay forms.
+added, and switches recording on only for steps whose schedule needs statistics. Its ``_step``
+is the whole step of a layer optimizer; a subclass writes only its update rule,
+``_layer_directions``:
 
-Gradient scale detection (AMP, unusual accumulation): on a statistics step the capture's
-reconstruction of a layer's batch gradient, ``Σ_n Σ_t g aᵀ``, is compared with the layer's
-``.grad``. If they differ by an exact power of two ``2^k`` (what a ``GradScaler`` whose loss
-scale was not divided out produces), the recorded ``g`` is divided by ``2^k``. Any other
-mismatch (gradient clipping, weight tying outside the layer) is left alone.
+1. **statistics**: the window's captured ``a, g`` (gathered to the layers' owners), rescaled by
+   :func:`statistics_scale` so that they reproduce the ``.grad`` the optimizer is given;
+2. **finite check**: a layer (weight and bias together) whose gradients or statistics are not
+   finite is skipped whole, state untouched (counted, warned once); so is a fallback parameter;
+3. **the rule**: ``_layer_directions`` folds statistics on the optimizer's own schedule and
+   returns a direction per parameter (``None``: use the Adam fallback for it);
+4. **momentum** (``momentum_rule``): ``"ema"`` (``m ← β₁m + (1−β₁)d``, bias-corrected, EK-FAC),
+   ``"heavy_ball"`` (``b ← μb + d``, SINGD) or ``"none"`` (the rule already averaged: AdaFisher);
+5. **weight decay** (``group["weight_decay_type"]``): ``"l2"`` (added to the gradient before the
+   rule, see :meth:`prepared_gradient`), ``"direction"`` (``d + wd·W`` before momentum, SINGD's
+   form) or ``"decoupled"`` (``W ← W(1 − lr·wd)``, AdamW's form);
+6. **apply**: ``W ← W − lr·u`` with each parameter's own group's ``lr`` (a layer's weight and bias
+   may sit in different groups: the layer's preconditioner follows the weight's group).
+
+Parameters outside tracked layers train with Adam's ``m̂/(√v̂ + ε)`` at the group's ``betas`` and
+``eps`` (the fallback); a weight matrix that falls back is named in a warning at construction.
+
+Gradient scale (:func:`statistics_scale`): mixed-precision loss scaling, gradient clipping and
+unusual accumulation all make the captured ``g`` disagree with ``.grad`` by one factor ``c``. On a
+statistics step the capture's reconstruction of a layer's batch gradient, ``Σ_n Σ_t g aᵀ``
+(``/N`` for a mean loss), is compared with ``.grad`` on up to three cheap layers; the median ratio,
+snapped to the exact power of two when it is one, divides the recorded ``g``. The statistics thus
+always belong to the gradient that is stepped on. ``grad_scaler=`` (the ``GradScaler`` in use)
+instead divides by the scaler's scale only, for statistics of the unclipped gradient.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
 from typing import Any
 
 import torch
@@ -23,25 +44,30 @@ from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.distributed.ownership import LayerOwnership
-from secondorder.optimizers.base import SecondOrderOptimizer
+from secondorder.optimizers.base import SecondOrderOptimizer, check_lr, group_lr, work_dtype
+from secondorder.optimizers.validation import check_betas, check_choice, check_real
 from secondorder.precond.capture import CapturedLayer, LayerCapture, LayerStats
 from secondorder.precond.diagonal import diagonal_direction, update_second_moment
-from secondorder.precond.kfac import statistics_dtype
 from secondorder.precond.linalg import bias_correction
+
+WEIGHT_DECAY_TYPES = ("decoupled", "l2", "direction")
 
 
 class CapturingOptimizer(SecondOrderOptimizer):
-    """Base class: a model, its capture, and the shared update pieces (module docstring).
+    """Base class of the layer optimizers (module docstring).
 
-    Subclasses set :attr:`capture_kinds`, call :meth:`_init_capture` at the end of
-    ``__init__`` and implement :meth:`_stats_due` (whether a layer whose weight has taken
-    ``t − 1`` steps needs statistics at its ``t``-th step).
+    Subclasses set :attr:`capture_kinds` and :attr:`momentum_rule`, call :meth:`_init_capture`
+    at the end of ``__init__`` and implement :meth:`_stats_due` and :meth:`_layer_directions`.
     """
 
     capture_kinds: tuple[str, ...] = ("linear", "conv2d", "embedding")
+    momentum_rule = "ema"
+    _runtime_attributes = ("capture", "distributor", "_ownership")
 
+    # ------------------------------------------------------------------ set-up
     def _init_capture(self, model: nn.Module | None, loss_reduction: str,
-                      distributor: Distributor | bool | None = None) -> None:
+                      distributor: Distributor | bool | None = None,
+                      grad_scaler: torch.amp.GradScaler | None = None) -> None:
         if model is None:
             raise TypeError(
                 f"Invalid model: {type(self).__name__} reads layer inputs; pass model=... "
@@ -49,34 +75,90 @@ class CapturingOptimizer(SecondOrderOptimizer):
             )
         self._model = model
         self._loss_reduction = loss_reduction
+        self.grad_scaler = grad_scaler
+        # A process group cannot be pickled: copies re-resolve the default group.
+        self._distributor_spec = None if distributor is None or distributor is False else True
         self.capture: LayerCapture | None = None
-        # Block = layer: each rank owns some layers (secondorder.distributed.ownership).
         self.distributor = resolve_distributor(distributor)
-        self._ownership = LayerOwnership(
-            self, self.distributor, lambda: self.capture.layers, capture=lambda: self.capture
-        )
+        self._ownership = self._make_ownership()
+        self._build_capture()
+        own = {id(p) for p in model.parameters()}
+        if not any(id(p) in own for group in self.param_groups for p in group["params"]):
+            self.capture.remove()
+            raise ValueError(
+                f"Invalid model: none of {type(self).__name__}'s parameters belongs to model= "
+                "(was the model copied after the parameters were taken?)"
+            )
+        self._warn_fallback_weights()
+
+    def _make_ownership(self) -> LayerOwnership:
+        # Block = layer: each rank owns some layers (secondorder.distributed.ownership).
+        return LayerOwnership(self, self.distributor, lambda: self.capture.layers, capture=lambda: self.capture)
+
+    def _rebuild_runtime(self) -> None:
+        self.capture = None
+        self.distributor = resolve_distributor(self._distributor_spec)
+        self._ownership = self._make_ownership()
         self._build_capture()
 
     def _build_capture(self) -> None:
         if self.capture is not None:
             self.capture.remove()
         params = [p for group in self.param_groups for p in group["params"]]
-        self.capture = LayerCapture(
-            self._model, params, loss_reduction=self._loss_reduction, kinds=self.capture_kinds
-        )
+        self.capture = LayerCapture(self._model, params, loss_reduction=self._loss_reduction,
+                                    kinds=self.capture_kinds)
         self._refresh_recording()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch.optim's ``add_param_group``; newly added layer weights get tracked."""
+        """torch.optim's ``add_param_group`` (validated); newly added layer weights get tracked."""
         super().add_param_group(param_group)
         if getattr(self, "capture", None) is not None:
             self._build_capture()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as :class:`SecondOrderOptimizer` does, then re-derive when to record."""
-        super().load_state_dict(state_dict)
+    def _after_load(self) -> None:
+        self.capture.clear()
         self._refresh_recording()
 
+    def _validate_common(self, group: dict[str, Any]) -> None:
+        """Checks of the keys every layer optimizer shares (lr, betas, eps, weight decay)."""
+        check_lr(group["lr"])
+        group["betas"] = check_betas("betas", group["betas"])
+        check_real("eps", group["eps"], low=0.0, low_inclusive=False)
+        check_real("weight_decay", group["weight_decay"], low=0.0)
+        check_choice("weight_decay_type", group["weight_decay_type"], self.weight_decay_types)
+
+    weight_decay_types: tuple[str, ...] = ("decoupled", "l2")
+
+    # ------------------------------------------------------------------ what is preconditioned
+    def _named(self) -> dict[int, str]:
+        return {id(p): name for name, p in self._model.named_parameters()}
+
+    def _fallback_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in self.capture.fallback_params(group["params"])]
+
+    def _warn_fallback_weights(self) -> None:
+        names = self._named()
+        weights = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in self._fallback_params()
+                   if p.dim() >= 2 and p.requires_grad]
+        if weights:
+            listed = ", ".join(weights[:8]) + (" …" if len(weights) > 8 else "")
+            warnings.warn(
+                f"{type(self).__name__}: {len(weights)} weight matrices are outside the layers it "
+                f"preconditions ({', '.join(self.capture_kinds)}) and train with the Adam fallback: "
+                f"{listed}. See optimizer.describe().", UserWarning, stacklevel=4)
+
+    def describe(self) -> str:
+        """Which layers are preconditioned (by kind) and which parameters fall back to Adam."""
+        names = self._named()
+        kinds: dict[str, int] = {}
+        for layer in self.capture.layers:
+            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        fallback = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in self._fallback_params()]
+        tracked = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none"
+        return (f"{type(self).__name__}: preconditioned layers: {tracked}; "
+                f"Adam fallback ({len(fallback)} parameters): {', '.join(fallback) or 'none'}")
+
+    # ------------------------------------------------------------------ schedules
     def _stats_due(self, group: dict[str, Any], step: int) -> bool:
         raise NotImplementedError
 
@@ -93,94 +175,203 @@ class CapturingOptimizer(SecondOrderOptimizer):
     def _groups_by_param(self) -> dict[int, dict[str, Any]]:
         return {id(p): group for group in self.param_groups for p in group["params"]}
 
+    def _skip_scaled_step(self) -> None:
+        self.capture.clear()  # statistics of a step the scaler skipped belong to no step
+
+    # ------------------------------------------------------------------ the step
+    def _step(self) -> None:
+        with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
+            stats = self._pop_statistics()
+            groups = self._groups_by_param()
+            layers = [layer for layer in self.capture.layers
+                      if any(p is not None and p.grad is not None for p in (layer.weight, layer.bias))]
+            fallback = [p for p in self._fallback_params() if p.grad is not None]
+            units = [[p.grad for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+                     + ([stats[layer].inputs, stats[layer].output_grads] if layer in stats else [])
+                     for layer in layers] + [[p.grad] for p in fallback]
+            finite = self._finite_units(units)
+            jobs = []
+            for layer, ok in zip(layers, finite):
+                if ok:
+                    jobs.append(layer)
+                else:
+                    self._skip_unit(self.state[layer.weight], "skipped a layer whose gradient or "
+                                    "statistics are not finite")
+            updates: list[tuple[Tensor, Tensor | None]] = self._layer_directions(jobs, stats, groups)
+            updates += [(p, None) for p, ok in zip(fallback, finite[len(layers):]) if ok]
+            for param, ok in zip(fallback, finite[len(layers):]):
+                if not ok:
+                    self._skip_unit(self.state[param], "skipped a parameter whose gradient is not finite")
+            for param, direction in updates:
+                group = groups[id(param)]
+                if direction is None:
+                    self._apply(param, self._adam_direction(param, group), group, fallback=True)
+                else:
+                    self._apply(param, self._momentum(param, group, direction), group)
+        self._refresh_recording()
+
+    def _layer_directions(self, layers: list[CapturedLayer], stats: dict[CapturedLayer, LayerStats],
+                          groups: dict[int, dict[str, Any]]) -> list[tuple[Tensor, Tensor | None]]:
+        """The optimizer's rule: ``(param, direction or None for the fallback)`` per parameter of
+        ``layers`` that has a gradient (statistics on schedule, inverses, preconditioning)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ statistics
     def _pop_statistics(self) -> dict[CapturedLayer, LayerStats]:
-        """The window's statistics (empty unless recorded), corrected for a gradient scale."""
+        """The window's statistics (empty unless recorded), rescaled to the stepped gradient."""
         if not self.capture.has_records():
             self.capture.clear()
             return {}
         stats = self._ownership.gather_stats(self.capture.pop())
-        for layer, layer_stats in stats.items():
-            exponent = _power_of_two_mismatch(layer, layer_stats, self._loss_reduction)
-            if exponent:
-                layer_stats.output_grads = layer_stats.output_grads / 2.0**exponent
+        if self.grad_scaler is not None:
+            scale = float(self.grad_scaler.get_scale()) if self.grad_scaler.is_enabled() else 1.0
+        else:
+            scale = statistics_scale(stats, self._loss_reduction, self._groups_by_param())
+        if scale != 1.0:
+            for layer_stats in stats.values():
+                layer_stats.output_grads = layer_stats.output_grads / scale
         return stats
 
     # ------------------------------------------------------------------ shared update pieces
-    @staticmethod
-    def _init_param_state(state: dict[str, Any], param: Tensor, second_moment: bool) -> None:
-        """``step`` (int64), ``exp_avg`` (fp32 for half params) and optionally ``exp_avg_sq``."""
-        dtype = statistics_dtype(param.dtype)
+    def prepared_gradient(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """``param.grad`` in the work dtype, ``+ wd·W`` for ``weight_decay_type="l2"``."""
+        grad = param.grad.to(work_dtype(param.dtype))
+        if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
+            grad = grad.add(param.to(grad.dtype), alpha=group["weight_decay"])
+        return grad
+
+    def gradient_matrix(self, layer: CapturedLayer, groups: dict[int, dict[str, Any]], dtype: torch.dtype) -> Tensor:
+        """The layer's ``Ḡ`` ``(groups, d_out, d_in')`` in ``dtype`` (zeros where a member has no
+        gradient), each member with its own group's L2 decay."""
+        parts = []
+        for param in (layer.weight, layer.bias):
+            if param is None:
+                parts.append(None)
+            elif param.grad is None:
+                parts.append(torch.zeros_like(param, dtype=dtype))
+            else:
+                parts.append(self.prepared_gradient(param, groups[id(param)]).to(dtype))
+        return layer.gradient_matrix(parts[0], parts[1] if layer.has_bias else None)
+
+    def _param_state(self, param: Tensor) -> dict[str, Any]:
+        state = self.state[param]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.int64, device=param.device)
-            state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        if second_moment and "exp_avg_sq" not in state:
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+        return state
 
-    @staticmethod
-    def _adam_direction(
-        state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int
-    ) -> Tensor:
-        """The fallback: Adam's ``m̂ / (√v̂ + ε)`` (updates ``exp_avg`` and ``exp_avg_sq``)."""
+    def _adam_direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """The fallback: Adam's ``m̂ / (√v̂ + ε)`` (advances the parameter's step counter)."""
+        state = self._param_state(param)
+        dtype = work_dtype(param.dtype)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+        if "exp_avg_sq" not in state:
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+        state["step"].add_(1)
+        step = int(state["step"])
+        grad = self.prepared_gradient(param, group)
         beta1, beta2 = group["betas"]
         update_second_moment("adam", state["exp_avg_sq"], grad, beta2)
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
         filtered = state["exp_avg"] / bias_correction(beta1, step)
-        return diagonal_direction(
-            "adam", state["exp_avg_sq"], filtered, step=step, beta2=beta2, epsilon=group["eps"]
-        )
+        return diagonal_direction("adam", state["exp_avg_sq"], filtered, step=step, beta2=beta2,
+                                  epsilon=group["eps"])
+
+    def _momentum(self, param: Tensor, group: dict[str, Any], direction: Tensor) -> Tensor:
+        """Direction-form decay, then the class's momentum rule (module docstring, 4–5)."""
+        state = self._param_state(param)
+        state["step"].add_(1)
+        dtype = work_dtype(param.dtype)
+        direction = direction.to(dtype)
+        if group["weight_decay_type"] == "direction" and group["weight_decay"] != 0:
+            direction = direction.add(param.to(dtype), alpha=group["weight_decay"])
+        if self.momentum_rule == "ema":
+            beta1 = group["betas"][0]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+            state["exp_avg"].lerp_(direction, 1 - beta1)
+            return state["exp_avg"] / bias_correction(beta1, int(state["step"]))
+        if self.momentum_rule == "heavy_ball" and group["momentum"] != 0:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+            return state["momentum_buffer"].mul_(group["momentum"]).add_(direction)
+        return direction
 
     @staticmethod
-    def _momentum(state: dict[str, Any], direction: Tensor, beta1: float, step: int) -> Tensor:
-        """``m ← β₁m + (1−β₁)d``; returns ``m / (1 − β₁^t)``."""
-        state["exp_avg"].mul_(beta1).add_(direction, alpha=1 - beta1)
-        return state["exp_avg"] / bias_correction(beta1, step)
-
-    @staticmethod
-    def _apply(param: Tensor, update: Tensor, group: dict[str, Any], decoupled: bool) -> None:
-        """``W ← W(1 − lr·wd)`` when ``decoupled``, then ``W ← W − lr·update`` (in param dtype)."""
-        lr = group["lr"]
+    def _apply(param: Tensor, update: Tensor, group: dict[str, Any], fallback: bool = False) -> None:
+        """``W ← W(1 − lr·wd)`` for decoupled decay (also the fallback's form of direction decay),
+        then ``W ← W − lr·update`` (in the parameter's dtype)."""
+        lr = group_lr(group)
+        decoupled = group["weight_decay_type"] == "decoupled" or (
+            fallback and group["weight_decay_type"] == "direction")
         if decoupled and group["weight_decay"] != 0:
             param.mul_(1 - lr * group["weight_decay"])
         param.add_(update.to(param.dtype), alpha=-lr)
 
 
-def _power_of_two_mismatch(layer: CapturedLayer, stats: LayerStats, loss_reduction: str) -> int:
-    """``k`` with captured gradient = ``2^k``·``.grad`` (0 if not a power of two).
+def statistics_scale(stats: dict[CapturedLayer, LayerStats], loss_reduction: str,
+                     groups: dict[int, dict[str, Any]]) -> float:
+    """The factor ``c`` with captured ``g`` = ``c``·(what reproduces ``.grad``) (module docstring).
 
-    Uses the bias when it has a gradient (``Σ_{n,t} g``: cheap), else the weight of a
-    Kronecker layer (``Σ_{n,t} g aᵀ``: one weight-gradient's worth of work).
+    Measured on up to three layers with the cheapest reconstruction (a bias: ``Σ g``; else a
+    Kronecker weight: ``Σ g aᵀ``); the median ratio, snapped to ``2^k`` within ``1e-3`` in
+    ``log₂`` (GradScaler's scales), else used as measured. 1 when nothing can be measured.
     """
-    bias = layer.bias
+    candidates = sorted(
+        (layer for layer in stats if _measurable(layer)),
+        key=lambda layer: (layer.bias is None or layer.bias.grad is None, layer.weight.numel()),
+    )[:3]
+    ratios = []
+    for layer in candidates:
+        ratio = _gradient_ratio(layer, stats[layer], loss_reduction)
+        if groups.get(id(layer.weight), {}).get("maximize"):
+            ratio = -ratio  # the gradients were negated for this step; the capture was not
+        if math.isfinite(ratio) and ratio > 0:
+            ratios.append(ratio)
+    if not ratios:
+        return 1.0
+    ratio = statistics.median(ratios)
+    exponent = round(math.log2(ratio))
+    if abs(math.log2(ratio) - exponent) < 1e-3:
+        return 2.0**exponent
+    return ratio
+
+
+def _measurable(layer: CapturedLayer) -> bool:
+    if layer.bias is not None and layer.bias.grad is not None:
+        return True
+    return layer.family != "elementwise" and layer.weight.grad is not None
+
+
+def _gradient_ratio(layer: CapturedLayer, stats: LayerStats, loss_reduction: str) -> float:
+    """``⟨G_captured, G⟩ / ⟨G, G⟩`` for one layer (float64; NaN when undefined)."""
     g = stats.output_grads
+    bias = layer.bias
     if bias is not None and bias.grad is not None:
-        dtype = statistics_dtype(bias.grad.dtype)
-        total = g.to(dtype).reshape(g.shape[0] * g.shape[1], -1).sum(0)
-        reference = bias.grad.to(dtype).reshape(-1)
-    elif layer.kind in ("linear", "conv2d", "embedding") and layer.weight.grad is not None:
-        grad = layer.weight.grad
-        dtype = statistics_dtype(grad.dtype)
-        if layer.kind == "embedding":
-            rows = stats.inputs.reshape(-1)
-            flat = g.reshape(rows.shape[0], -1).to(dtype)
-            valid = rows >= 0
-            total = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
-            total = total.index_add_(0, rows[valid], flat[valid])
-            reference = grad.to(dtype)
-        else:
-            a, g = stats.inputs.to(dtype), g.to(dtype)
-            if layer.groups == 1:
-                a, g = a.unsqueeze(2), g.unsqueeze(2)
-            total = torch.einsum("ntgo,ntgi->goi", g, a)
-            reference = layer.gradient_matrix(grad.to(dtype), None)
+        g = g.double()
+        if layer.has_bias:  # rows of a tied weight's other uses carry 0 in the bias column
+            g = g * stats.inputs[..., -1:].double()
+        total = g.reshape(-1, bias.numel()).sum(0)
+        reference = bias.grad.double().reshape(-1)
+    elif layer.family == "embedding":
+        grad = layer.weight.grad.double()
+        rows = stats.inputs.reshape(-1)
+        flat = g.reshape(rows.shape[0], -1).double()
+        valid = rows >= 0
+        total = torch.zeros_like(grad).index_add_(0, rows[valid], flat[valid])
+        reference = grad
     else:
-        return 0
-    denominator = float((reference * reference).sum())
+        a, g = stats.inputs.double(), g.double()
+        if layer.groups == 1:
+            a, g = a.unsqueeze(2), g.unsqueeze(2)
+        total = torch.einsum("ntgo,ntgi->goi", g, a)
+        reference = layer.gradient_matrix(layer.weight.grad.double(), None)
+        if layer.has_bias:  # the bias column (its gradient is absent here) is left out of both
+            total, reference = total[..., :-1], reference[..., :-1]
+    numerator, denominator = torch.stack([(total * reference).sum(), (reference * reference).sum()]).tolist()
     if not math.isfinite(denominator) or denominator == 0.0:
-        return 0
-    ratio = float((total * reference).sum()) / denominator
+        return math.nan
+    ratio = numerator / denominator
     if loss_reduction == "mean":
         ratio /= max(stats.num_examples, 1)
-    if not math.isfinite(ratio) or ratio <= 0:
-        return 0
-    exponent = round(math.log2(ratio))
-    return exponent if exponent != 0 and abs(math.log2(ratio) - exponent) < 1e-3 else 0
+    return ratio

@@ -10,25 +10,23 @@ gradients, free from the user's own backward pass; reference/ekfac.md §2).
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor
-from secondorder.optimizers.base import ParamsT, split_model_argument
+from secondorder.optimizers.base import ParamsT, group_lr, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
-from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
-from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.optimizers.validation import check_choice, check_int, check_real
+from secondorder.precond.capture import KRONECKER_KINDS, CapturedLayer, LayerStats
 from secondorder.precond.kfac import (
     KroneckerEigenbasis,
     eigenvalue_correction,
     kronecker_factors,
     statistics_dtype,
 )
-from secondorder.precond.linalg import NumericalWarning, batched_eigh
+from secondorder.precond.linalg import batched_eigh
 
 _BASIS_KEYS = (
     "gradient_basis",
@@ -106,7 +104,8 @@ class EKFAC(CapturingOptimizer):
             optimizer.step()
     """
 
-    capture_kinds = ("linear", "conv2d", "embedding")
+    capture_kinds = KRONECKER_KINDS
+    momentum_rule = "ema"
 
     def __init__(
         self,
@@ -125,40 +124,36 @@ class EKFAC(CapturingOptimizer):
         correction_every: int = 2,
         precondition_frequency: int = 100,
         loss_reduction: str = "mean",
+        grad_scaler: torch.amp.GradScaler | None = None,
         distributor: Distributor | bool | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
-        params, model = split_model_argument(params, model)
-        check_real("lr", lr, low=0.0)
-        check_betas("betas", betas)
-        check_real("damping", damping, low=0.0, low_inclusive=False)
-        check_real("weight_decay", weight_decay, low=0.0)
-        check_choice("weight_decay_type", weight_decay_type, ("decoupled", "l2"))
-        check_real("stat_decay", stat_decay, low=0.0, high=1.0, high_inclusive=False)
-        check_real("eps", eps, low=0.0, low_inclusive=False)
-        if kl_clip is not None:
-            check_real("kl_clip", kl_clip, low=0.0, low_inclusive=False)
-        check_int("stats_every", stats_every, low=1)
-        check_int("correction_every", correction_every, low=1)
-        check_int("precondition_frequency", precondition_frequency, low=1)
+        params, model = split_model_argument(params, model, lr)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            damping=damping,
-            weight_decay=weight_decay,
-            weight_decay_type=weight_decay_type,
-            stat_decay=stat_decay,
-            eps=eps,
-            kl_clip=kl_clip,
-            stats_every=stats_every,
-            correction_every=correction_every,
+            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, damping=damping,
+            weight_decay=weight_decay, weight_decay_type=weight_decay_type, stat_decay=stat_decay,
+            eps=eps, kl_clip=kl_clip, stats_every=stats_every, correction_every=correction_every,
             precondition_frequency=precondition_frequency,
         )
-        super().__init__(params, defaults)
-        self._init_capture(model, loss_reduction, distributor)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
+        self._init_capture(model, loss_reduction, distributor, grad_scaler)
         if kl_clip is not None and self.distributor.world_size > 1:
             raise ValueError("Invalid kl_clip: KL clipping couples all layers and is not "
                              "supported with a multi-rank distributor")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self._validate_common(group)
+        check_real("damping", group["damping"], low=0.0, low_inclusive=False)
+        check_real("stat_decay", group["stat_decay"], low=0.0, high=1.0, high_inclusive=False)
+        if group["kl_clip"] is not None:
+            check_real("kl_clip", group["kl_clip"], low=0.0, low_inclusive=False)
+        for name in ("stats_every", "correction_every", "precondition_frequency"):
+            check_int(name, group[name], low=1)
 
     # ------------------------------------------------------------------ schedules
     def _stats_due(self, group: dict[str, Any], step: int) -> bool:
@@ -210,119 +205,42 @@ class EKFAC(CapturingOptimizer):
             raise ValueError("Invalid weight: its layer has no eigenbasis yet")
         return basis.to_dense(self._groups_by_param()[id(weight)]["damping"])
 
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimization step (class docstring); returns the closure's loss."""
-        loss = self._evaluate_closure(closure)
-        with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
-            stats = self._pop_statistics()
-            groups = self._groups_by_param()
-            jobs = []  # (layer, group, step of the layer's weight)
-            for layer in self.capture.layers:
-                members = [
-                    p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None
-                ]
-                if not members:
-                    continue
-                group = groups[id(layer.weight)]
-                state = self.state[layer.weight]
-                for param in members:
-                    self._init_param_state(self.state[param], param, second_moment=False)
-                step = int(state["step"]) + 1 if "step" in state else 1
-                if "numerical_failures" not in state:
-                    state["numerical_failures"] = torch.zeros(
-                        (), dtype=torch.int64, device=layer.weight.device
-                    )
-                if layer in stats:
-                    self._fold_factors(layer, state, stats[layer], group, step)
-                jobs.append((layer, group, step))
-            self._refresh_bases(jobs)
-            # (param, its group, direction, whether it still needs momentum)
-            directions: list[tuple[Tensor, dict[str, Any], Tensor, bool]] = []
-            kl_terms = []
-            for layer, group, step in jobs:
-                state = self.state[layer.weight]
-                if (
-                    "correction" in state
-                    and layer in stats
-                    and (step - 1) % group["correction_every"] == 0
-                ):
-                    self._fold_correction(layer, state, stats[layer], group)
-                dtype = statistics_dtype(layer.weight.dtype)
-                grad_w = layer.weight.grad if layer.weight.grad is not None else None
-                grad_b = (
-                    layer.bias.grad if layer.bias is not None and layer.bias.grad is not None else None
-                )
-                if "correction" not in state:  # no statistics yet: Adam fallback for this layer
-                    for param in (layer.weight, layer.bias):
-                        if param is not None and param.grad is not None:
-                            directions.append(
-                                (
-                                    param,
-                                    groups[id(param)],
-                                    self._fallback(param, groups[id(param)]),
-                                    False,
-                                )
-                            )
-                    continue
-                matrix = self._gradient_matrix(layer, grad_w, grad_b, groups, dtype)
-                basis = self.eigenbasis(layer.weight)
-                preconditioned = basis.precondition(matrix, group["damping"])
-                weight_part, bias_part = layer.split_matrix(preconditioned)
-                if group["kl_clip"] is not None:
-                    kl_terms.append((group, (preconditioned * matrix).sum() * group["lr"] ** 2))
-                if grad_w is not None:
-                    directions.append((layer.weight, group, weight_part, True))
-                if grad_b is not None and bias_part is not None:
-                    directions.append((layer.bias, groups[id(layer.bias)], bias_part, True))
-            scale = self._kl_scale(kl_terms)
-            for param, group, direction, is_layer in directions:
-                state = self.state[param]
-                if is_layer:
-                    state["step"].add_(1)
-                    update = self._momentum(
-                        state,
-                        direction * scale if scale != 1.0 else direction,
-                        group["betas"][0],
-                        int(state["step"]),
-                    )
-                else:
-                    update = direction
-                self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
-            for group in self.param_groups:
-                for param in self.capture.fallback_params(group["params"]):
-                    if param.grad is not None:
-                        update = self._fallback(param, group)
-                        self._apply(param, update, group, group["weight_decay_type"] == "decoupled")
-        self._refresh_recording()
-        return loss
-
-    # ------------------------------------------------------------------ pieces
-    def _fallback(self, param: Tensor, group: dict[str, Any]) -> Tensor:
-        """Adam direction for ``param`` (advances its step counter)."""
-        state = self.state[param]
-        self._init_param_state(state, param, second_moment=True)
-        state["step"].add_(1)
-        grad = param.grad.to(state["exp_avg"].dtype)
-        if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
-            grad = grad.add(param.to(grad.dtype), alpha=group["weight_decay"])
-        return self._adam_direction(state, grad, group, int(state["step"]))
-
-    @staticmethod
-    def _gradient_matrix(layer: CapturedLayer, grad_w, grad_b, groups, dtype) -> Tensor:
-        """``Ḡ`` in ``dtype``; L2 decay folded in per parameter for ``weight_decay_type="l2"``."""
-        parts = []
-        for param, grad in ((layer.weight, grad_w), (layer.bias, grad_b)):
-            if param is None:
-                parts.append(None)
+    # ------------------------------------------------------------------ the rule
+    def _layer_directions(self, layers: list[CapturedLayer], stats: dict[CapturedLayer, LayerStats],
+                          groups: dict[int, dict[str, Any]]) -> list[tuple[Tensor, Tensor | None]]:
+        """Steps 1–5 of the class docstring for the layers that take part in this step."""
+        jobs = []  # (layer, group, step of the layer's weight)
+        for layer in layers:
+            group = groups[id(layer.weight)]
+            state = self._param_state(layer.weight)
+            step = int(state["step"]) + 1
+            if layer in stats:
+                self._fold_factors(layer, state, stats[layer], group, step)
+            jobs.append((layer, group, step))
+        self._refresh_bases(jobs)
+        directions: list[tuple[Tensor, Tensor | None]] = []
+        kl_terms = []
+        for layer, group, step in jobs:
+            state = self.state[layer.weight]
+            members = [p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+            if "correction" in state and layer in stats and (step - 1) % group["correction_every"] == 0:
+                self._fold_correction(layer, state, stats[layer], group)
+            if "correction" not in state:  # no statistics yet: Adam fallback for this layer
+                directions.extend((param, None) for param in members)
                 continue
-            grad = torch.zeros_like(param, dtype=dtype) if grad is None else grad.to(dtype)
-            group = groups[id(param)]
-            if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
-                grad = grad.add(param.to(dtype), alpha=group["weight_decay"])
-            parts.append(grad)
-        return layer.gradient_matrix(parts[0], parts[1] if layer.has_bias else None)
+            matrix = self.gradient_matrix(layer, groups, statistics_dtype(layer.weight.dtype))
+            preconditioned = self.eigenbasis(layer.weight).precondition(matrix, group["damping"])
+            weight_part, bias_part = layer.split_matrix(preconditioned)
+            if group["kl_clip"] is not None:
+                kl_terms.append((group, (preconditioned * matrix).sum() * group_lr(group) ** 2))
+            if layer.weight.grad is not None:
+                directions.append((layer.weight, weight_part))
+            if bias_part is not None and layer.bias.grad is not None:
+                directions.append((layer.bias, bias_part))
+        scale = self._kl_scale(kl_terms)
+        if scale != 1.0:
+            directions = [(p, None if d is None else d * scale) for p, d in directions]
+        return directions
 
     def _fold_factors(
         self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict, step: int
@@ -367,9 +285,7 @@ class EKFAC(CapturingOptimizer):
             count = groups if diagonal else 2 * groups
             pieces, position = results[position : position + count], position + count
             if any(piece is None for piece in pieces):
-                self._numerical_failure(
-                    state, f"eigendecomposition failed for layer {layer.name!r} (basis kept)"
-                )
+                self._numerical_failure(state, "eigendecomposition failed (basis kept)")
                 continue
             state["gradient_eigenvalues"] = torch.stack([p[0] for p in pieces[:groups]])
             state["gradient_basis"] = torch.stack([p[1] for p in pieces[:groups]])
@@ -401,8 +317,3 @@ class EKFAC(CapturingOptimizer):
         if not math.isfinite(total) or total <= 0:
             return 1.0
         return min(1.0, math.sqrt(clip / total))
-
-    @staticmethod
-    def _numerical_failure(state: dict, message: str) -> None:
-        state["numerical_failures"].add_(1)
-        warnings.warn(f"EKFAC: {message}", NumericalWarning, stacklevel=3)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, split_model_argument
+from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, check_lr, group_lr, split_model_argument
 from secondorder.optimizers.step_rules import adapt_damping, armijo_backtracking
 from secondorder.optimizers.validation import check_choice, check_int, check_real
 from secondorder.precond.capture import LayerCapture, LayerStats
@@ -30,7 +29,7 @@ from secondorder.precond.jacobian import (
     layer_jacobian_rows,
     output_jacobian,
 )
-from secondorder.precond.linalg import EigenFailure, NumericalWarning
+from secondorder.precond.linalg import EigenFailure
 from secondorder.precond.lowrank import (
     apply_output_blocks,
     damped_batch_solve,
@@ -146,16 +145,21 @@ class ExactGaussNewton(SecondOrderOptimizer):
     ``trials``, ``ratio`` = ``ρ`` or NaN when undefined) are in :attr:`last_step`.
     """
 
+    closure_required = True
+    supports_maximize = False
+    _closure_contract = "runs the model on the batch and returns (outputs, targets)"
+    _runtime_attributes = ("_capture",)
+
     def __init__(
         self,
         params: ParamsT | nn.Module,
-        model: nn.Module | None = None,
-        *,
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
-        loss_hessian: Callable[[Tensor, Tensor], Tensor] | None = None,
         lr: float = 1.0,
         damping: float = 1.0,
         momentum: float = 0.0,
+        *,
+        model: nn.Module | None = None,
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+        loss_hessian: Callable[[Tensor, Tensor], Tensor] | None = None,
         line_search: bool = False,
         armijo_c: float = 0.1,
         backtrack_factor: float = 0.8,
@@ -170,36 +174,12 @@ class ExactGaussNewton(SecondOrderOptimizer):
         max_damping: float = 1e12,
         solve: str = "auto",
         jacobian_chunk_size: int | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
-        params, model = split_model_argument(params, model)
-        check_real("lr", lr, low=0.0)
-        check_real("damping", damping, low=0.0, low_inclusive=False)
-        check_real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
-        for name, flag in (("line_search", line_search), ("adaptive_damping", adaptive_damping)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Invalid {name}: {flag!r} (expected a bool)")
-        check_real(
-            "armijo_c", armijo_c, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
-        )
-        check_real(
-            "backtrack_factor",
-            backtrack_factor,
-            low=0.0,
-            high=1.0,
-            low_inclusive=False,
-            high_inclusive=False,
-        )
-        check_real("increase_factor", increase_factor, low=1.0)
-        check_int("max_backtracks", max_backtracks, low=1)
-        check_real("rho_low", rho_low)
-        check_real("rho_high", rho_high, low=rho_low)
-        check_real("damping_increase", damping_increase, low=1.0)
-        check_real("damping_decrease", damping_decrease, low=0.0, high=1.0, low_inclusive=False)
-        check_real("min_damping", min_damping, low=0.0, low_inclusive=False)
-        check_real("max_damping", max_damping, low=min_damping)
-        check_choice("solve", solve, SOLVES)
-        if jacobian_chunk_size is not None:
-            check_int("jacobian_chunk_size", jacobian_chunk_size, low=1)
+        params, model = split_model_argument(params, model, lr)
         self.loss_function = make_output_loss(loss, loss_hessian)
         self.model = model
         self._capture: LayerCapture | None = None
@@ -223,21 +203,50 @@ class ExactGaussNewton(SecondOrderOptimizer):
             solve=solve,
             jacobian_chunk_size=jacobian_chunk_size,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
         self._rebuild_capture()
+        if model is not None and self._capture is None:
+            own = {id(p) for p in model.parameters()}
+            if not any(id(p) in own for p in self._trainable()):
+                raise ValueError("Invalid model: none of ExactGaussNewton's parameters belongs to model= "
+                                 "(was the model copied after the parameters were taken?)")
 
     # ------------------------------------------------------------------ set-up
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_real("damping", group["damping"], low=0.0, low_inclusive=False)
+        check_real("momentum", group["momentum"], low=0.0, high=1.0, high_inclusive=False)
+        for name in ("line_search", "adaptive_damping"):
+            if not isinstance(group[name], bool):
+                raise TypeError(f"Invalid {name}: {group[name]!r} (expected a bool)")
+        check_real("armijo_c", group["armijo_c"], low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        check_real("backtrack_factor", group["backtrack_factor"], low=0.0, high=1.0, low_inclusive=False,
+                   high_inclusive=False)
+        check_real("increase_factor", group["increase_factor"], low=1.0)
+        check_int("max_backtracks", group["max_backtracks"], low=1)
+        check_real("rho_low", group["rho_low"])
+        check_real("rho_high", group["rho_high"], low=group["rho_low"])
+        check_real("damping_increase", group["damping_increase"], low=1.0)
+        check_real("damping_decrease", group["damping_decrease"], low=0.0, high=1.0, low_inclusive=False)
+        check_real("min_damping", group["min_damping"], low=0.0, low_inclusive=False)
+        check_real("max_damping", group["max_damping"], low=group["min_damping"])
+        check_choice("solve", group["solve"], SOLVES)
+        if group["jacobian_chunk_size"] is not None:
+            check_int("jacobian_chunk_size", group["jacobian_chunk_size"], low=1)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (torch.optim API); the layer capture is rebuilt to cover it."""
-        if "lr" in param_group:
-            check_real("lr", param_group["lr"], low=0.0)
-        if "damping" in param_group:
-            check_real("damping", param_group["damping"], low=0.0, low_inclusive=False)
-        if "momentum" in param_group:
-            check_real("momentum", param_group["momentum"], low=0.0, high=1.0, high_inclusive=False)
+        """Add a group (validated, torch.optim API); the layer capture is rebuilt to cover it."""
         super().add_param_group(param_group)
         if hasattr(self, "_capture"):
             self._rebuild_capture()
+
+    def _rebuild_runtime(self) -> None:
+        self._capture = None
+        self._rebuild_capture()
+
+    def _prepare_state_without_step(self) -> None:
+        self._init_state()
 
     def _rebuild_capture(self) -> None:
         """(Re)build the layer capture over the current trainable parameters."""
@@ -408,20 +417,26 @@ class ExactGaussNewton(SecondOrderOptimizer):
         groups: list | None = None,
     ) -> Tensor:
         """``J v`` as ``(b, c)``; ``v = lr·d`` with one ``lr`` for all groups is ``lr·jd``."""
-        if jd is not None and len({group["lr"] for group, _ in groups}) == 1:
-            return groups[0][0]["lr"] * jd
+        if jd is not None and len({group_lr(group) for group, _ in groups}) == 1:
+            return group_lr(groups[0][0]) * jd
         if lin.jacobian is not None:
             flat = torch.cat([v.reshape(-1).to(lin.jacobian.dtype) for v in vector])
             return (lin.jacobian @ flat).reshape(lin.output_grad.shape)
         return jacobian_product(lin.outputs, params, vector)
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # noqa: C901 - one algorithm
+    def _closure_step(self, closure: Callable[[], Any]) -> Tensor | None:
+        """One EGN step under ``torch.compile``-d models too (class docstring).
+
+        Compiled graphs support neither double backward (Jacobian products) nor backward
+        through donated buffers twice, so the closure's forwards run eagerly inside the step.
+        """
+        with torch.compiler.set_stance("force_eager"):
+            return self._gauss_newton_step(closure)
+
+    def _gauss_newton_step(self, closure: Callable[[], Any]) -> Tensor | None:  # noqa: C901 - one algorithm
         """One EGN step; returns the loss at the parameters before the step (class docstring)."""
         self._init_state()
-        if closure is None:
-            return None
         self._check_model()
         params = self._trainable()
         if not params:
@@ -443,28 +458,26 @@ class ExactGaussNewton(SecondOrderOptimizer):
         lin = self._linearise(closure, params, first)
         loss0 = float(lin.loss)
         need_grad = first["line_search"] or first["adaptive_damping"]
+        if not (math.isfinite(loss0) and torch.isfinite(lin.output_grad).all()):
+            self._skip_unit(anchor, "skipped a step whose loss or output gradient is not finite")
+            return lin.loss
         try:
-            if not (math.isfinite(loss0) and torch.isfinite(lin.output_grad).all()):
-                raise EigenFailure("non-finite loss or output gradient")
             direction, gradient, jd = self._direction(lin, params, damping, need_grad)
             if not all(torch.isfinite(d).all() for d in direction):
                 raise EigenFailure("non-finite direction")
-        except EigenFailure as error:
-            anchor["numerical_failures"] += 1
-            warnings.warn(
-                f"ExactGaussNewton skipped a step: {error}", NumericalWarning, stacklevel=2
-            )
+        except (EigenFailure, torch.linalg.LinAlgError) as error:
+            self._numerical_failure(anchor, f"skipped a step whose solve failed ({type(error).__name__})")
             return lin.loss
         # Displacement per unit line-search scale, Δ_dir = lr_g·d_g, and the momentum part
         # lr_g·μ_g·buf_g of the update (SGD-style buffer buf ← μ·buf + s·d: lr = 0 freezes).
         displacement = [
-            group["lr"] * d.to(p.dtype) for (group, p), d in zip(groups, direction, strict=True)
+            group_lr(group) * d.to(p.dtype) for (group, p), d in zip(groups, direction, strict=True)
         ]
         momentum_terms = []
         for group, p in groups:
             buffer = self.state[p].get("momentum_buffer") if group["momentum"] > 0 else None
             momentum_terms.append(
-                None if buffer is None else group["lr"] * group["momentum"] * buffer
+                None if buffer is None else group_lr(group) * group["momentum"] * buffer
             )
         if first["adaptive_damping"]:  # J·Δ parts, before the graph's parameters change in place
             j_direction = self._jacobian_times(lin, params, displacement, jd, groups)
@@ -484,7 +497,7 @@ class ExactGaussNewton(SecondOrderOptimizer):
             originals = [p.detach().clone() for p in params]
             slope = float(
                 sum(
-                    (group["lr"] * (g.double() * d.double()).sum())
+                    (group_lr(group) * (g.double() * d.double()).sum())
                     for (group, _), g, d in zip(groups, gradient, direction, strict=True)
                 )
             )

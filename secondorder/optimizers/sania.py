@@ -51,7 +51,7 @@ Diagnostics of the last step (Python floats, ``None`` before the first step): ``
 (τ), ``last_curvature`` (G), ``last_delta`` (Δ). They are never written into ``group["lr"]``.
 State per parameter: ``step`` (int64), ``sum_sq`` / ``exp_avg_sq`` / ``hutch_diag`` (the
 statistic of its group's preconditioner; float32 for bf16/fp16 parameters) and
-``nonfinite_steps`` (int64 count of steps skipped for a non-finite loss, gradient or
+``nonfinite_skips`` (int64 count of steps skipped for a non-finite loss, gradient or
 curvature; the state is left as it was and a ``NumericalWarning`` is issued). The two
 counters are allocated when a parameter joins the optimizer, so
 ``torch.distributed.checkpoint`` never needs to call ``step()`` (which SANIA cannot run
@@ -61,7 +61,6 @@ without a closure) to materialise the state; the statistic waits for a first gra
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +68,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer
+from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, check_lr, group_lr
 from secondorder.optimizers.validation import check_choice, check_int, check_real
 from secondorder.precond.curvature_products import (
     gradients_with_graph,
@@ -77,7 +76,6 @@ from secondorder.precond.curvature_products import (
     probe_generator,
     running_average,
 )
-from secondorder.precond.linalg import NumericalWarning
 
 PRECONDITIONERS = ("adagrad_sqr", "adam_sqr", "hutchinson", "identity")
 MODELS = ("quadratic", "linear")
@@ -140,6 +138,10 @@ class SANIA(SecondOrderOptimizer):
         hutch_alpha: float = 0.1,
         min_gnorm: float = 1e-13,
         seed: int = 0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -155,15 +157,18 @@ class SANIA(SecondOrderOptimizer):
             min_gnorm=min_gnorm,
             seed=seed,
         )
-        self._check_hyperparameters(defaults)
         self.last_tau: float | None = None
         self.last_curvature: float | None = None
         self.last_delta: float | None = None
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
 
-    @staticmethod
-    def _check_hyperparameters(group: dict[str, Any]) -> None:
-        check_real("lr", group["lr"], low=0.0)
+    closure_required = True
+    supports_maximize = False
+    _closure_contract = "returns the mini-batch loss (SANIA's step size comes from its value)"
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
         check_choice("preconditioner", group["preconditioner"], PRECONDITIONERS)
         check_choice("model", group["model"], MODELS)
         check_real("eps", group["eps"], low=0.0)
@@ -176,19 +181,17 @@ class SANIA(SecondOrderOptimizer):
         check_real("hutch_alpha", group["hutch_alpha"], low=0.0, low_inclusive=False)
         check_real("min_gnorm", group["min_gnorm"], low=0.0)
         check_int("seed", group["seed"], low=0)
+        reference = self.param_groups[0] if self.param_groups else group
+        for key in _GLOBAL_KEYS:
+            if group[key] != reference[key]:
+                raise ValueError(
+                    f"Invalid {key}: {group[key]!r} differs from the first group's "
+                    f"{reference[key]!r}; the Polyak step is global, so {key} must be shared"
+                )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated; ``model``, ``f_star``, ``min_gnorm`` must match the others)
         and allocate its parameters' state."""
-        merged = {**self.defaults, **param_group}
-        self._check_hyperparameters(merged)
-        reference = self.param_groups[0] if self.param_groups else merged
-        for key in _GLOBAL_KEYS:
-            if merged[key] != reference[key]:
-                raise ValueError(
-                    f"Invalid {key}: {merged[key]!r} differs from the first group's "
-                    f"{reference[key]!r}; the Polyak step is global, so {key} must be shared"
-                )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for param in group["params"]:
@@ -201,7 +204,7 @@ class SANIA(SecondOrderOptimizer):
         state = self.state[param]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            state["nonfinite_steps"] = torch.zeros((), dtype=torch.int64)
+            state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
         key = _STAT_KEY.get(group["preconditioner"])
         if statistic and key is not None and key not in state:
             state[key] = torch.zeros_like(
@@ -246,8 +249,7 @@ class SANIA(SecondOrderOptimizer):
         return grads
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def _closure_step(self, closure: Callable[[], Any]) -> Any:
         """One SANIA step.
 
         Args:
@@ -258,11 +260,6 @@ class SANIA(SecondOrderOptimizer):
             The closure's loss, detached from its graph when it is a tensor (so that the graph,
             which the Hutchinson variant keeps for second derivatives, is freed).
         """
-        if closure is None:
-            raise ValueError(
-                "Invalid closure: SANIA needs step(closure) returning the mini-batch loss "
-                "(its step size comes from the loss value)"
-            )
         params = [p for group in self.param_groups for p in group["params"]]
         groups = [group for group in self.param_groups for _ in group["params"]]
         before = [
@@ -322,14 +319,8 @@ class SANIA(SecondOrderOptimizer):
             curvature_f, loss_f = torch.stack([curvature, loss_value.reshape(())]).tolist()
 
         if not (math.isfinite(curvature_f) and math.isfinite(loss_f)):
-            for i in active:
-                self.state[params[i]]["nonfinite_steps"] += 1
-            warnings.warn(
-                f"SANIA: non-finite loss ({loss_f}) or curvature G ({curvature_f}); step skipped, "
-                "preconditioner state kept",
-                NumericalWarning,
-                stacklevel=2,
-            )
+            self._skip_unit(self.state[params[active[0]]], "skipped a step whose loss, gradient or "
+                            "curvature G is not finite")
             self.last_tau, self.last_curvature, self.last_delta = 0.0, curvature_f, None
             return result
 
@@ -346,7 +337,7 @@ class SANIA(SecondOrderOptimizer):
             state["step"] += 1
             if i in candidates:
                 state[_STAT_KEY[group["preconditioner"]]].copy_(candidates[i])
-            scale = group["lr"] * tau
+            scale = group_lr(group) * tau
             if scale != 0.0:
                 param.add_(directions[i].to(param.dtype), alpha=-scale)
         return result

@@ -3,15 +3,14 @@
 The algorithm and its conventions follow Meta's distributed_shampoo (Shi et al. 2023,
 "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer for
 Training Neural Networks At-Scale"), so that its "classic configuration" (Adam grafting,
-EMA factors, see ``tests/optimizers/test_shampoo_reference.py``) gives the same numbers.
+EMA factors; ``tests/optimizers/test_shampoo.py`` checks it against a dense oracle of it) gives
+the same numbers.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor
 from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.distributed.sharding import is_sharded, shard_key_prefix
-from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer
+from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, check_lr, group_lr
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.diagonal import (
     DIAGONAL_KINDS,
@@ -29,7 +28,7 @@ from secondorder.precond.diagonal import (
     update_second_moments,
 )
 from secondorder.precond.kronecker import KroneckerFactors, compute_inverses
-from secondorder.precond.linalg import NumericalWarning, bias_correction
+from secondorder.precond.linalg import bias_correction
 
 GRAFTING_KINDS = ("none",) + DIAGONAL_KINDS
 WEIGHT_DECAY_KINDS = ("decoupled", "l2")
@@ -165,34 +164,20 @@ class Shampoo(SecondOrderOptimizer):
         use_bias_correction: bool = True,
         factor_dtype: torch.dtype = torch.float32,
         distributor: Distributor | bool | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if grafting is None:
             grafting = "none" if eigenvalue_correction else "adam"
         if epsilon is None:
             epsilon = 1e-8 if eigenvalue_correction else 1e-12
-        check_real("lr", lr, low=0.0)
-        check_betas("betas", betas, allow_one=(False, True))
-        check_real("epsilon", epsilon, low=0.0, low_inclusive=False)
-        check_real("relative_epsilon", relative_epsilon, low=0.0)
-        check_real("weight_decay", weight_decay, low=0.0)
-        check_choice("weight_decay_type", weight_decay_type, WEIGHT_DECAY_KINDS)
-        check_real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
-        check_real("dampening", dampening, low=0.0, high=1.0, high_inclusive=False)
-        if nesterov and momentum == 0:
-            raise ValueError("Invalid nesterov: Nesterov momentum needs momentum > 0")
-        check_int("precondition_frequency", precondition_frequency, low=1)
         if start_preconditioning_step is None:
             start_preconditioning_step = 1 if eigenvalue_correction else precondition_frequency
-        check_int("start_preconditioning_step", start_preconditioning_step, low=1, allow_inf=True)
-        check_int("max_preconditioner_dim", max_preconditioner_dim, low=1, allow_inf=True)
-        check_choice("grafting", grafting, GRAFTING_KINDS)
-        check_real("graft_beta2", graft_beta2, low=0.0, high=1.0)
-        check_real("graft_epsilon", graft_epsilon, low=0.0, low_inclusive=False)
-        check_choice("factor_dtype", factor_dtype, _FACTOR_DTYPES)
-        _check_exponent_override(inverse_exponent_override)
         defaults = dict(
-            lr=lr, betas=tuple(betas), epsilon=epsilon, relative_epsilon=relative_epsilon,
-            weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, epsilon=epsilon,
+            relative_epsilon=relative_epsilon, weight_decay=weight_decay,
             weight_decay_type=weight_decay_type, momentum=momentum, dampening=dampening,
             nesterov=nesterov, precondition_frequency=precondition_frequency,
             start_preconditioning_step=start_preconditioning_step,
@@ -201,13 +186,68 @@ class Shampoo(SecondOrderOptimizer):
             eigenvalue_correction=eigenvalue_correction,
             inverse_exponent_override=inverse_exponent_override, precondition_1d=precondition_1d,
             use_bias_correction=use_bias_correction, factor_dtype=factor_dtype,
-            differentiable=False, foreach=None, fused=None,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
+        self._distributor_spec = None if distributor is None or distributor is False else True
         self.distributor = resolve_distributor(distributor)
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
         self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
+
+    _meaning_keys = ("eigenvalue_correction",)  # SOAP state is not Shampoo state
+    _runtime_attributes = ("distributor",)
+
+    def _rebuild_runtime(self) -> None:
+        self.distributor = resolve_distributor(self._distributor_spec)
+        self._block_signature = None
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        group["betas"] = check_betas("betas", group["betas"], allow_one=(False, True))
+        check_real("epsilon", group["epsilon"], low=0.0, low_inclusive=False)
+        check_real("relative_epsilon", group["relative_epsilon"], low=0.0)
+        check_real("weight_decay", group["weight_decay"], low=0.0)
+        check_choice("weight_decay_type", group["weight_decay_type"], WEIGHT_DECAY_KINDS)
+        check_real("momentum", group["momentum"], low=0.0, high=1.0, high_inclusive=False)
+        check_real("dampening", group["dampening"], low=0.0, high=1.0, high_inclusive=False)
+        if group["nesterov"] and group["momentum"] == 0:
+            raise ValueError("Invalid nesterov: Nesterov momentum needs momentum > 0")
+        check_int("precondition_frequency", group["precondition_frequency"], low=1)
+        check_int("start_preconditioning_step", group["start_preconditioning_step"], low=1, allow_inf=True)
+        check_int("max_preconditioner_dim", group["max_preconditioner_dim"], low=1, allow_inf=True)
+        check_choice("grafting", group["grafting"], GRAFTING_KINDS)
+        check_real("graft_beta2", group["graft_beta2"], low=0.0, high=1.0)
+        check_real("graft_epsilon", group["graft_epsilon"], low=0.0, low_inclusive=False)
+        check_choice("factor_dtype", group["factor_dtype"], _FACTOR_DTYPES)
+        _check_exponent_override(group["inverse_exponent_override"])
+
+    def _check_param_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Saved blocks must be this parameter's blocks (count and shapes)."""
+        blocks = {key: value for key, value in saved.items() if isinstance(value, dict) and "block_" in key}
+        if not blocks or any(key.startswith("shard@") for key in blocks):
+            return
+        shapes = self._layout(param, group).shapes
+        for key, block in blocks.items():
+            index = int(key.rsplit("_", 1)[1])
+            buffers = [v for name, v in block.items() if name in ("exp_avg", "graft_sq", "momentum_buffer")]
+            if index >= len(shapes) or any(tuple(v.shape) != tuple(shapes[index]) for v in buffers):
+                raise ValueError(f"Invalid state_dict: Shampoo state {key!r} does not fit a parameter of "
+                                 f"shape {tuple(param.shape)} (blocks {list(shapes)})")
+
+    def describe(self) -> str:
+        """How each parameter is preconditioned: Kronecker blocks (their shapes) or diagonal."""
+        kronecker, diagonal = [], 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                shapes = self._layout(param, group).shapes
+                if all(self._strategy(tuple(shape), param, group) is None for shape in shapes):
+                    diagonal += 1
+                else:
+                    kronecker.append("x".join(str(d) for d in param.shape) + f"→{len(shapes)} blocks")
+        mode = "eigenvalue-corrected (SOAP)" if self.param_groups[0]["eigenvalue_correction"] else "root inverse"
+        return (f"Shampoo ({mode}): {len(kronecker)} parameters with Kronecker blocks "
+                f"({', '.join(kronecker) or 'none'}); {diagonal} on the graft's diagonal method")
 
     # -- blocks and ownership ---------------------------------------------------------------
     def _layout(self, param: Tensor, group: dict[str, Any]) -> BlockLayout:
@@ -247,10 +287,8 @@ class Shampoo(SecondOrderOptimizer):
         return self._owners
 
     # -- the step ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step (see the class docstring for the exact order)."""
-        loss = self._evaluate_closure(closure)
+    def _step(self) -> None:
+        """One optimization step (see the class docstring for the exact order)."""
         owners = self._ownership()
         # Replicated parameters: blocks in global order, owned by one rank, all-gathered.
         updates: list[Tensor | None] = []
@@ -303,7 +341,6 @@ class Shampoo(SecondOrderOptimizer):
         updates = self.distributor.all_gather_updates(updates, owners, [target[3] for target in targets])
         self._apply(updates, targets)
         self._apply([shard_updates.get(index) for index in range(len(shard_targets))], shard_targets)
-        return loss
 
     def _block_state(self, param: Tensor, key: str, block: Tensor, group: dict[str, Any],
                      strategy: KroneckerFactors | None) -> dict[str, Any]:
@@ -311,9 +348,8 @@ class Shampoo(SecondOrderOptimizer):
         if key not in state:
             state_dtype = torch.float32 if block.dtype in (torch.bfloat16, torch.float16) else block.dtype
             zeros = lambda: torch.zeros(block.shape, dtype=state_dtype, device=block.device)  # noqa: E731
-            block_state = strategy.init_state(block) if strategy is not None else {
-                "failed": torch.zeros((), dtype=torch.int64)}
-            block_state["skipped"] = torch.zeros((), dtype=torch.int64)
+            block_state = strategy.init_state(block) if strategy is not None else {}
+            block_state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
             if group["betas"][0] > 0:
                 block_state["exp_avg"] = zeros()
             kind = self._diagonal_kind(group)
@@ -393,16 +429,13 @@ class Shampoo(SecondOrderOptimizer):
         """
         if not jobs:
             return []
-        # One fused max-|g| per block and one host sync per group (NaN and inf propagate).
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([job[4] for job in jobs], ord=math.inf))).tolist()
+        finite = self._finite_units([[job[4]] for job in jobs])
         prepared = []
         for (global_block, param, key, step, grad, weight), is_finite in zip(jobs, finite):
             strategy = self._strategy(tuple(grad.shape), param, group)
             state = self._block_state(param, key, weight, group, strategy)
             if not is_finite:
-                state["skipped"].add_(1)
-                warnings.warn("Shampoo skipped a block whose gradient is not finite (state kept)",
-                              NumericalWarning, stacklevel=4)
+                self._skip_unit(state, "skipped a block whose gradient is not finite")
                 continue
             work_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
             grad = grad.to(work_dtype)
@@ -431,10 +464,11 @@ class Shampoo(SecondOrderOptimizer):
         for update, (param, weight, group, block) in zip(updates, targets):
             if block is None or update is None:
                 continue
+            lr = group_lr(group)
             if group["weight_decay_type"] == "decoupled" and group["weight_decay"] != 0 and id(param) not in decayed:
-                weight.mul_(1 - group["lr"] * group["weight_decay"])  # the local shard under FSDP2
+                weight.mul_(1 - lr * group["weight_decay"])  # the local shard under FSDP2
                 decayed.add(id(param))
-            block.add_(update.to(block.dtype), alpha=-group["lr"])
+            block.add_(update.to(block.dtype), alpha=-lr)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -11,6 +11,7 @@ Usage::
         loss = loss_fn(model(x), y)
         loss.backward()
     stats = capture.pop()                # {CapturedLayer: LayerStats}, then cleared
+    capture.describe()                   # per parameter: tracked as which kind, or why not
     capture.remove()                     # detach the hooks
 
 Mechanics
@@ -19,26 +20,39 @@ Mechanics
     This is safe with in-place activations (``nn.ReLU(inplace=True)``): a tensor hook registered
     before the in-place op receives the gradient of the pre-activation value.
     ``register_full_backward_hook`` is never used (pytorch/pytorch#61519). Raw inputs are kept
-    until :meth:`LayerCapture.pop`; unfolding (conv) and reshaping happen there, so the hooks
+    until :meth:`LayerCapture.pop`; unfolding (conv), reshaping and the attention
+    recomputation (:mod:`secondorder.precond.capture_attention`) happen there, so the hooks
     cost a reference and nothing else. Nothing is recorded while recording is disabled, under
     ``torch.no_grad()``, inside ``torch.func`` transforms (``vmap``/``grad``), when the output
-    does not require grad, or by a deep copy of the model (which carries the hooks along). A
-    forward whose backward never came (an evaluation forward with grad enabled) is dropped at
-    ``pop``.
+    does not require grad, or by a copy of the model: the hooks are small picklable objects
+    whose reference to the capture is dropped when they are deep-copied or pickled (with the
+    model or an optimizer holding it), so a copy carries inert hooks. A forward whose backward
+    never came (an evaluation forward with grad enabled) is dropped at ``pop``.
 
-Tracked layers (:mod:`secondorder.precond.capture_layers`)
-    ``nn.Linear`` (any leading dims; tokens are positions), ``nn.Conv2d`` (unfold: stride,
-    padding incl. ``'same'``/``'valid'``, dilation, groups; zero padding mode only),
-    ``nn.Embedding`` (indices; the input factor is diagonal), and on request (``kinds=``)
-    ``nn.LayerNorm`` / ``nn.BatchNorm{1,2,3}d`` with affine parameters. A module is tracked
-    only if its ``weight`` is one of ``params`` (object identity, never position) and requires
-    grad. Modules inside ``nn.MultiheadAttention`` are never tracked: it calls
-    ``F.multi_head_attention_forward`` with its weights directly, so hooks on ``out_proj``
-    would never fire; its parameters (and every other parameter outside tracked layers, see
-    :meth:`LayerCapture.fallback_params`) are left to the optimizer's Adam-style diagonal
-    fallback. A tracked module whose batch dim differs from the rest of its pass (a positional
-    ``nn.Embedding`` called on ``arange(T)`` and broadcast) has no per-example gradients; it is
-    left out of :meth:`LayerCapture.pop`'s result, so optimizers treat it like a fallback layer.
+Tracked layers (:mod:`secondorder.precond.capture_layers`, a registry users can extend)
+    Dense kinds ``linear``, ``conv2d``, ``conv1d`` (grouped and depthwise too),
+    ``transposed_linear`` (GPT-2's ``Conv1D``), ``attention`` (``nn.MultiheadAttention``'s
+    projections), ``embedding``, and the elementwise kinds ``layernorm``, ``batchnorm``,
+    ``rmsnorm``. ``kinds=`` chooses which. A weight is tracked only if it is one of ``params``
+    (object identity, never position) and requires grad. Everything else (see
+    :meth:`LayerCapture.describe`, :meth:`LayerCapture.fallback_params`) is left to the
+    optimizer's Adam-style diagonal fallback. A tracked module whose batch dim differs from
+    the rest of its pass (a positional ``nn.Embedding`` called on ``arange(T)`` and broadcast)
+    has no per-example gradients; it is left out of :meth:`LayerCapture.pop`'s result, so
+    optimizers treat it like a fallback layer.
+
+Tied weights (one parameter applied by several modules)
+    The weight gets one :class:`CapturedLayer` (owned by its first dense use, else its first
+    use) and the calls of every use are concatenated along ``T``, as for a module called
+    twice: ``Σ_t g aᵀ`` is then the gradient of each example's loss w.r.t. the shared
+    parameter, summed over uses (exact), and Kronecker factors average over the positions of
+    all uses (the "expand" approximation of weight sharing, reference/ekfac.md §3.4). An
+    ``nn.Embedding`` sharing its ``(V, D)`` weight with an ``nn.Linear`` head (GPT-2, Llama)
+    is written in the head's layout: its gradient ``Σ_t onehot(i_t) g_tᵀ`` is a dense row pair
+    with ``a = g_t`` (length ``D``) and ``g = onehot(i_t)`` (length ``V``, formed densely) and
+    ``0`` in a bias column. A use that cannot be written in the owner's layout is not
+    modelled, with one ``UserWarning`` naming the parameter; :meth:`LayerCapture.describe`
+    lists every use.
 
 Layout of the results: :class:`LayerStats` (shapes per kind) and
 :mod:`secondorder.precond.capture_layers` (the gradient-matrix convention
@@ -68,6 +82,11 @@ Scaling and accumulation (``loss_reduction``)
     :attr:`LayerStats.num_positions` counts real positions only. Call ``model`` itself for each
     forward pass (calling only its submodules merges passes).
 
+
+Precision: recorded gradients are scaled (by ``N_total`` for a mean loss, by ``1/grad_scale``)
+in float32 when the model produced float16/bfloat16 (scaling in half precision overflows), and
+:meth:`LayerCapture.pop` returns float32 rows for half-precision inputs.
+
 AMP: a ``GradScaler`` scales the recorded ``g`` by its loss scale; pass ``grad_scale=`` to
 :meth:`LayerCapture.pop` when you know it (the optimizers instead detect an exact power-of-two
 mismatch with ``.grad``, see :mod:`secondorder.optimizers.capturing`). Embedding positions
@@ -77,15 +96,40 @@ equal to ``padding_idx`` get ``g = 0`` (their row is never updated).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from secondorder.precond.capture_layers import KINDS, KRONECKER_KINDS, CapturedLayer, module_kind
+from secondorder.precond.capture_layers import (
+    DENSE_KINDS,
+    KINDS,
+    KRONECKER_KINDS,
+    NORM_KINDS,
+    CapturedLayer,
+    LayerKind,
+    module_kind,
+    register_layer_kind,
+    registered_kinds,
+)
+from secondorder.precond.capture_plan import CapturePlan, TiedUse
 
-__all__ = ["CapturedLayer", "LayerCapture", "LayerStats", "KINDS", "KRONECKER_KINDS"]
+__all__ = [
+    "CapturedLayer",
+    "LayerCapture",
+    "LayerKind",
+    "LayerStats",
+    "KINDS",
+    "DENSE_KINDS",
+    "KRONECKER_KINDS",
+    "NORM_KINDS",
+    "module_kind",
+    "register_layer_kind",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -93,11 +137,12 @@ class LayerStats:
     """What one tracked layer saw during one window (module docstring, "Scaling").
 
     Attributes:
-        inputs: ``a``. ``(N, T, d_in')`` for linear and conv2d with groups 1 (ones column last
-            when the layer has a bias); ``(N, T, groups, d_in'/group)`` for grouped conv2d;
-            long indices ``(N, T)`` for embedding; raw ``(N, T, C)`` inputs for norm layers.
+        inputs: ``a``. ``(N, T, d_in')`` for dense kinds with one group (ones column last when
+            the layer has a bias); ``(N, T, groups, d_in')`` for grouped ones (grouped
+            convolutions, packed attention ``in_proj``); long indices ``(N, T)`` for
+            embedding; raw ``(N, T, C)`` inputs for norm layers. Float32 for half inputs.
         output_grads: ``g`` scaled to per-example losses: ``(N, T, d_out)``, or
-            ``(N, T, groups, d_out/groups)`` for grouped conv2d. The gradient of example
+            ``(N, T, groups, d_out)`` for grouped layers. The gradient of example
             ``n``'s loss w.r.t. the gradient matrix is ``Σ_t g[n, t] a[n, t]ᵀ``.
         num_examples: ``N`` (all micro-batches of the window).
         num_positions: real ``(n, t)`` pairs (``N·T`` minus zero padding).
@@ -115,11 +160,89 @@ class LayerStats:
 
 @dataclass
 class _Record:
-    """One forward call of a tracked module: its raw input, the pass it belongs to, its grad."""
+    """One forward call of a hooked module: what its kind kept, the pass, the gradients."""
 
-    x: Tensor
+    payload: object
     pass_id: int
-    grad: Tensor | None = None
+    grads: list
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+
+class _PassHook:
+    """Forward pre-hook on the model: counts passes. Inert once copied or unpickled."""
+
+    def __init__(self, capture: LayerCapture) -> None:
+        self.capture = capture
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        capture = self.capture
+        if capture is not None and module is capture._model:
+            capture._pass_id += 1
+
+    def __getstate__(self) -> dict:
+        return {"capture": None}
+
+
+class _CallHook:
+    """Forward hook (and pre-hook, for kinds needing the random state) on one hooked module.
+
+    Holds the capture by reference; deep copies and unpickled copies drop it (inert).
+    """
+
+    def __init__(self, capture: LayerCapture, module: nn.Module, kind: LayerKind) -> None:
+        self.capture, self.module, self.kind = capture, module, kind
+        self.random_state = None
+
+    def __getstate__(self) -> dict:
+        return {"capture": None, "module": None, "kind": None, "random_state": None}
+
+    def _active(self, module: nn.Module, args: tuple) -> bool:
+        capture = self.capture
+        return (
+            capture is not None
+            and module is self.module
+            and capture.enabled
+            and torch.is_grad_enabled()
+            and not any(_inside_transform(x) for x in args[:1])
+        )
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._active(module, args):
+            self.random_state = self.kind.random_state(module, args, kwargs)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not self._active(module, args):
+            return
+        random_state, self.random_state = self.random_state, None
+        recorded = self.kind.record(module, args, kwargs, output, random_state)
+        if recorded is None:
+            return
+        payload, tensors = recorded
+        if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+            return
+        if not tensors[0].requires_grad or _inside_transform(tensors[0]):
+            return
+        if isinstance(payload, Tensor):
+            payload = payload.detach()
+        record = _Record(payload=payload, pass_id=self.capture._pass_id, grads=[None] * len(tensors))
+        for target in self.capture._targets[id(module)]:
+            target.append(record)
+        for index, tensor in enumerate(tensors):
+            if tensor.requires_grad:
+                tensor.register_hook(_gradient_sink(record, index))
+
+
+def _gradient_sink(record: _Record, index: int):
+    def tensor_hook(grad: Tensor) -> None:
+        grad = grad.detach()
+        previous = record.grads[index]
+        record.grads[index] = grad if previous is None else previous + grad
+
+    return tensor_hook
 
 
 class LayerCapture:
@@ -127,13 +250,14 @@ class LayerCapture:
 
     Args:
         model: the module whose submodules are searched (hooks are registered at once).
-        params: the parameters to track; a module is tracked iff its weight is one of them
+        params: the parameters to track; a weight is tracked iff it is one of them
             (identity) and requires grad (frozen weights are never captured; a trainable bias
             of a frozen layer is then a fallback parameter). ``None`` = ``model.parameters()``.
             A bias outside ``params`` is not modelled (no ones column).
         loss_reduction: ``"mean"`` or ``"sum"`` (module docstring).
-        kinds: which layer kinds to track, a subset of :data:`KINDS`; default
-            :data:`KRONECKER_KINDS` (linear, conv2d, embedding).
+        kinds: which layer kinds to track, registered kind names
+            (:func:`~secondorder.precond.capture_layers.registered_kinds`); default
+            :data:`KRONECKER_KINDS` (dense kinds and embedding).
 
     Attributes:
         layers: the tracked :class:`CapturedLayer` objects, in ``model.named_modules()`` order.
@@ -154,48 +278,44 @@ class LayerCapture:
             raise ValueError(
                 f"Invalid loss_reduction: {loss_reduction!r} (expected 'mean' or 'sum')"
             )
-        self.loss_reduction = loss_reduction
-        _make_compile_see_hooks()
         kinds = tuple(kinds)
         for kind in kinds:
-            if kind not in KINDS:
-                raise ValueError(f"Invalid kinds: {kind!r} (expected members of {KINDS})")
-        param_ids = {id(p) for p in (model.parameters() if params is None else params)}
-        inside_attention = {
-            id(sub)
-            for module in model.modules()
-            if isinstance(module, nn.MultiheadAttention)
-            for sub in module.modules()
-        }
-        self.layers: list[CapturedLayer] = []
-        self._by_param: dict[int, CapturedLayer] = {}
-        seen_weights: set[int] = set()
-        for name, module in model.named_modules():
-            kind = module_kind(module)
-            if kind not in kinds or id(module) in inside_attention:
-                continue
-            weight = module.weight
-            if (
-                id(weight) not in param_ids
-                or not weight.requires_grad
-                or id(weight) in seen_weights
-            ):
-                continue  # frozen / not ours / a tied weight already owned by another module
-            bias = getattr(module, "bias", None)
-            bias = bias if isinstance(bias, Tensor) and id(bias) in param_ids else None
-            layer = CapturedLayer(module=module, name=name, kind=kind, weight=weight, bias=bias)
-            seen_weights.add(id(weight))
-            self.layers.append(layer)
-            self._by_param[id(weight)] = layer
-            if bias is not None:
-                self._by_param[id(bias)] = layer
+            if kind not in registered_kinds():
+                raise ValueError(
+                    f"Invalid kinds: {kind!r} (expected members of {registered_kinds()})"
+                )
+        self.loss_reduction = loss_reduction
+        _make_compile_see_hooks()
+        plan = CapturePlan(model, list(model.parameters()) if params is None else params, kinds)
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        self._plan = plan
+        self.layers: list[CapturedLayer] = plan.layers
+        self._by_param: dict[int, CapturedLayer] = plan.by_param
         self.enabled = True
         self._model = model
         self._pass_id = 0
-        self._records: dict[CapturedLayer, list[_Record]] = {layer: [] for layer in self.layers}
-        self._handles = [model.register_forward_pre_hook(self._new_pass)]
+        self._shared_input: set[CapturedLayer] = set()  # seen without per-example rows
+        # per layer: (use, record) pairs; per hooked module: the lists its calls go to
+        self._records: dict[CapturedLayer, list[tuple[TiedUse, _Record]]] = {
+            layer: [] for layer in self.layers
+        }
+        self._targets: dict[int, list] = {}
+        self._handles = [model.register_forward_pre_hook(_PassHook(self))]
+        hooked: dict[int, _CallHook] = {}
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+            for use in plan.uses[layer]:
+                module = use.layer.module
+                if id(module) not in hooked:
+                    hook = _CallHook(self, module, use.layer.spec)
+                    hooked[id(module)] = hook
+                    self._targets[id(module)] = []
+                    if use.layer.spec.needs_random_state:
+                        self._handles.append(
+                            module.register_forward_pre_hook(hook.before, with_kwargs=True)
+                        )
+                    self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                self._targets[id(module)].append(_UseList(self._records[layer], use))
 
     # ------------------------------------------------------------------ lookup
     def layer_for(self, param: Tensor) -> CapturedLayer | None:
@@ -205,6 +325,26 @@ class LayerCapture:
     def fallback_params(self, params: Iterable[Tensor]) -> list[Tensor]:
         """The members of ``params`` that belong to no tracked layer (they need a fallback)."""
         return [p for p in params if id(p) not in self._by_param]
+
+    def describe(self) -> dict[str, dict]:
+        """Per parameter of the model (by its first qualified name), how it is handled.
+
+        Returns:
+            ``{name: {"status": "tracked" | "fallback", "kind": kind or None, "layer": the
+            tracked layer's name or None, "role": "weight" | "bias" | None, "reason": why
+            (for fallback parameters and tied weights), "aliases": other names of the same
+            tensor}}`` in ``model.named_parameters()`` order. A layer seen at :meth:`pop`
+            without per-example rows (a positional embedding broadcast over the batch) is
+            reported as fallback from then on (the optimizers give it the fallback too).
+        """
+        return self._plan.describe(self._by_param, self._shared_input)
+
+    def untracked_matrices(self, params: Iterable[Tensor] | None = None) -> list[tuple[str, str]]:
+        """``[(name, reason)]`` for weight matrices (2-D to 5-D parameters among ``params``,
+        default all of the model's) that fall back although Kronecker methods handle such
+        tensors; what an optimizer warns about once."""
+        wanted = None if params is None else {id(p) for p in params}
+        return self._plan.untracked_matrices(self._by_param, wanted, self._shared_input)
 
     def swap_params(self, mapping: Mapping[int, Tensor]) -> None:
         """Replace tracked parameters: each ``p`` with ``id(p)`` in ``mapping`` by ``mapping[id(p)]``.
@@ -247,38 +387,7 @@ class LayerCapture:
 
     def has_records(self) -> bool:
         """Whether any layer has a completed (forward + backward) record in the window."""
-        return any(r.grad is not None for records in self._records.values() for r in records)
-
-    # ------------------------------------------------------------------ hooks
-    def _new_pass(self, module: nn.Module, args: tuple) -> None:
-        if module is self._model:  # a deep copy of the model carries this hook too: ignore it
-            self._pass_id += 1
-
-    def _make_hook(self, layer: CapturedLayer):
-        def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if (
-                module is not layer.module
-                or not self.enabled
-                or not torch.is_grad_enabled()
-                or not args
-            ):
-                return  # (a deep copy of the model carries this hook too: ignore its calls)
-            if (
-                not isinstance(output, Tensor)
-                or not output.requires_grad
-                or _inside_transform(args[0])
-            ):
-                return
-            record = _Record(x=args[0].detach(), pass_id=self._pass_id)
-            self._records[layer].append(record)
-
-            def tensor_hook(grad: Tensor) -> None:
-                grad = grad.detach()
-                record.grad = grad if record.grad is None else record.grad + grad
-
-            output.register_hook(tensor_hook)
-
-        return forward_hook
+        return any(record.complete for records in self._records.values() for _, record in records)
 
     # ------------------------------------------------------------------ results
     def pop(self, *, grad_scale: float = 1.0) -> dict[CapturedLayer, LayerStats]:
@@ -293,49 +402,75 @@ class LayerCapture:
             the pass (a module applied to a shared input and broadcast, e.g. a positional
             ``nn.Embedding`` called on ``arange(T)``): their output gradient sums over examples
             and carries no per-example information, so optimizers give their parameters the
-            fallback. Tensors are in the dtype the model produced.
+            fallback. Tensors are in the dtype the model produced, float32 for half types.
         """
-        grouped: dict[CapturedLayer, list[tuple[Tensor, Tensor]]] = {}
+        grouped: dict[CapturedLayer, list] = {}
         pass_sizes: dict[int, int] = {}  # examples per pass: the largest batch dim seen in it
         for layer, records in self._records.items():
-            by_pass: dict[int, list[tuple[Tensor, Tensor]]] = {}
-            for record in records:
-                if record.grad is None:
-                    continue
-                rows = layer.layer_inputs(record.x)
-                grads = layer.output_rows(record.grad, rows.shape[0])
-                by_pass.setdefault(record.pass_id, []).append((rows, grads))
+            by_pass: dict[int, list[tuple[Tensor, Tensor, bool]]] = {}
+            for use, record in records:
+                if record.complete:
+                    by_pass.setdefault(record.pass_id, []).append(use.rows(layer, record))
             records.clear()
             merged = []
             for pass_id, calls in by_pass.items():
                 if len({c[0].shape[0] for c in calls}) > 1:
                     merged = None  # calls with different batch sizes in one pass: not per-example
                     break
-                rows = torch.cat([c[0] for c in calls], dim=1) if len(calls) > 1 else calls[0][0]
-                grads = torch.cat([c[1] for c in calls], dim=1) if len(calls) > 1 else calls[0][1]
-                merged.append((pass_id, rows, grads))
-                pass_sizes[pass_id] = max(pass_sizes.get(pass_id, 0), rows.shape[0])
+                merged.append((pass_id, calls))
+                pass_sizes[pass_id] = max(pass_sizes.get(pass_id, 0), calls[0][0].shape[0])
             if merged:
                 grouped[layer] = merged
+            elif merged is None:
+                self._shared_input.add(layer)
         total = sum(pass_sizes.values())
+        scale = (total if self.loss_reduction == "mean" else 1) / grad_scale
         result: dict[CapturedLayer, LayerStats] = {}
         for layer, merged in grouped.items():
-            if any(rows.shape[0] != pass_sizes[pass_id] for pass_id, rows, _ in merged):
+            if any(calls[0][0].shape[0] != pass_sizes[pass_id] for pass_id, calls in merged):
+                self._shared_input.add(layer)
                 continue  # broadcast use (positional embedding on arange(T)): not per-example
-            rows, grads, real = _stack_passes([(r, g) for _, r, g in merged])
-            num_examples = rows.shape[0]
-            scale = (total if self.loss_reduction == "mean" else 1) / grad_scale
-            if scale != 1:
-                grads = grads * scale
-            if layer.kind == "embedding" and layer.module.padding_idx is not None:
-                grads = grads * (rows != layer.module.padding_idx).unsqueeze(-1).to(grads.dtype)
+            parts = []
+            for _, calls in merged:
+                scaled = [_scaled(a, g, scale, scale_inputs) for a, g, scale_inputs in calls]
+                parts.append(
+                    (torch.cat([c[0] for c in scaled], 1), torch.cat([c[1] for c in scaled], 1))
+                    if len(scaled) > 1
+                    else scaled[0]
+                )
+            rows, grads, real = _stack_passes(parts)
             result[layer] = LayerStats(
-                inputs=rows, output_grads=grads, num_examples=num_examples, num_positions=real
+                inputs=rows, output_grads=grads, num_examples=rows.shape[0], num_positions=real
             )
         return result
 
 
-def _inside_transform(x: Tensor) -> bool:
+class _UseList:
+    """Where one hooked module's calls go for one layer: that layer's records, tagged by use."""
+
+    def __init__(self, records: list, use: TiedUse) -> None:
+        self.records, self.use = records, use
+
+    def append(self, record: _Record) -> None:
+        self.records.append((self.use, record))
+
+
+def _scaled(a: Tensor, g: Tensor, scale: float, scale_inputs: bool) -> tuple[Tensor, Tensor]:
+    """Apply the per-example scale (to ``g``, or to ``a`` for a transposed tied use) in at
+    least float32 for half tensors; half rows come back as float32."""
+    if a.is_floating_point() and a.dtype in _HALF:
+        a = a.float()
+    if g.dtype in _HALF:
+        g = g.float()
+    if scale != 1:
+        if scale_inputs:
+            a = a * scale
+        else:
+            g = g * scale
+    return a, g
+
+
+def _inside_transform(x) -> bool:
     """Whether ``x`` is a ``torch.func`` (vmap/grad) wrapper: such calls are not recorded."""
     return isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
 

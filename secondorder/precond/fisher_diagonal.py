@@ -15,17 +15,25 @@ linear, conv2d  ``Σ_{n,t} ā²/M`` (length ``d_in'``; grouped conv  ``Σ_{n,t} 
                 averages over groups, so ``d_in'`` per group)
 embedding       token frequencies ``count_v / M`` (length ``V``)   ``Σ g²/M`` (``dim``)
 layernorm,      ``[Σ x̂²/(M·C), 1]``: a 2-vector (γ entry, β entry),  ``Σ_{n,t} g²/M`` (``C``)
-batchnorm       ``x̂`` the normalised input
+batchnorm,      ``x̂`` the normalised input (RMSNorm has no β)
+rmsnorm
 ==============  ===============================================  ===========================
 
-``x̂`` is recomputed from the captured input (LayerNorm over its normalised dims; BatchNorm with
-batch statistics in training mode, running statistics in eval mode). The official code uses
+``x̂`` is recomputed from the captured input (LayerNorm over its normalised dims; RMSNorm
+``x / sqrt(mean(x²) + ε)``; BatchNorm with batch statistics in training mode, running
+statistics in eval mode). Any kind of the elementwise family (a weight ``γ`` applied channel by
+channel after normalisation, ``y = γ ⊙ x̂ (+ β)``) gets the same statistic: the per-example
+gradient of ``γ_c`` is ``Σ_t g_{t,c} x̂_{t,c}``, and ``h[0]·ŝ_c`` is its Kronecker-diagonal
+(K-FAC with the channels as outputs and ``x̂`` pooled over channels as the input) estimate of
+``E[(∂ℓ/∂γ_c)²]``. The official code uses
 the BatchNorm *input* and reduces LayerNorm over every dim but dim 1 (adafisher.md §11.5); we
 model the normalised input the affine parameters actually multiply. It also ignores conv
 dilation; we do not.
 
-Layout (:func:`fisher_diagonal`): ``F̃_W`` has the weight's shape (``F̃_W[o, i] = H[i]S[o] + λ``,
-conv weight flattened as ``(C_out, C_in/groups·kh·kw)``, embedding ``F̃[v, d] = H[v]S[d]``), the
+Layout (:func:`fisher_diagonal`): ``F̃_W`` has the weight's shape (``F̃_W[o, i] = H[i]S[o] + λ``
+in the gradient-matrix layout, mapped back by the layer kind: conv weight flattened as
+``(C_out, C_in/groups·kh·kw)``, embedding ``F̃[v, d] = H[v]S[d]``, GPT-2's transposed ``Conv1D``
+``F̃[i, o] = H[i]S[o]``), the
 bias uses the last ``H`` entry (the ones column), norm layers use ``H[0]`` for γ and ``H[1]``
 for β.
 """
@@ -52,18 +60,9 @@ def minmax_normalize(values: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def _normalised_input(layer: CapturedLayer, x: Tensor) -> Tensor:
-    """``x̂`` from a captured ``(N, T, C)`` norm-layer input (module docstring)."""
-    module = layer.module
-    if layer.kind == "layernorm":
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, unbiased=False, keepdim=True)
-        return (x - mean) / torch.sqrt(var + module.eps)
-    if module.training or module.running_mean is None:
-        mean = x.mean(dim=(0, 1))
-        var = x.var(dim=(0, 1), unbiased=False)
-    else:
-        mean, var = module.running_mean.to(x.dtype), module.running_var.to(x.dtype)
-    return (x - mean) / torch.sqrt(var + module.eps)
+    """``x̂`` from a captured ``(N, T, C)`` norm-layer input (the layer kind's
+    :meth:`~secondorder.precond.capture_layers.LayerKind.normalised_input`)."""
+    return layer.spec.normalised_input(layer, x)
 
 
 def diagonal_statistics(
@@ -78,20 +77,40 @@ def diagonal_statistics(
     count = max(stats.num_positions, 1)
     g = stats.output_grads.to(dtype)
     s_hat = (g * g).reshape(g.shape[0] * g.shape[1], -1).sum(0) / count
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         index = stats.inputs.reshape(-1)
         valid = index >= 0
         h_hat = torch.zeros(layer.in_features, dtype=dtype, device=g.device)
         h_hat.index_add_(0, index[valid], torch.ones_like(index[valid], dtype=dtype))
         return h_hat / count, s_hat
     a = stats.inputs.to(dtype)
-    if layer.kind in ("layernorm", "batchnorm"):
+    if layer.family == "elementwise":
         x_hat = _normalised_input(layer, a)
         gamma_entry = (x_hat * x_hat).sum() / (count * x_hat.shape[-1])
         return torch.stack([gamma_entry, torch.ones_like(gamma_entry)]), s_hat
     width = a.shape[-1]
     h_hat = (a * a).reshape(-1, width).sum(0) / (count * layer.groups)
     return h_hat, s_hat
+
+
+def elementwise_per_example_gradients(
+    layer: CapturedLayer, stats: LayerStats, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exact per-example gradients of a norm layer's ``γ`` and ``β``: ``Σ_t g ⊙ x̂`` and ``Σ_t g``.
+
+    For the elementwise family (LayerNorm, RMSNorm, BatchNorm in eval mode; in training mode
+    BatchNorm mixes examples, so these are the gradients with the batch statistics held fixed).
+    Their squares averaged over examples are the exact diagonal empirical Fisher of the layer.
+
+    Returns:
+        ``(N, C)`` each, in ``dtype`` (default: the gradients' dtype).
+    """
+    if layer.family != "elementwise":
+        raise ValueError(f"Invalid layer: kind {layer.kind!r} is not elementwise")
+    dtype = dtype or stats.output_grads.dtype
+    g = stats.output_grads.to(dtype)
+    x_hat = _normalised_input(layer, stats.inputs.to(dtype))
+    return (g * x_hat).sum(1), g.sum(1)
 
 
 def fisher_diagonal(
@@ -108,13 +127,14 @@ def fisher_diagonal(
         ``(F̃ for the weight (weight.shape), F̃ for the bias (bias.shape) or None)``.
     """
     weight = layer.weight
-    if layer.kind in ("layernorm", "batchnorm"):
+    if layer.family == "elementwise":
         fisher_weight = (h[0] * s + damping).reshape(weight.shape)
         fisher_bias = None if layer.bias is None else (h[1] * s + damping).reshape(layer.bias.shape)
         return fisher_weight, fisher_bias
-    if layer.kind == "embedding":
-        return torch.outer(h, s) + damping, None
     columns = h[:-1] if layer.has_bias else h
-    fisher_weight = (torch.outer(s, columns) + damping).reshape(weight.shape)
+    # (groups·d_out, d_in) → the gradient-matrix layout → the weight's own layout (a transposed
+    # weight such as GPT-2's Conv1D, an embedding's (V, D), grouped convolutions)
+    matrix = (torch.outer(s, columns) + damping).reshape(layer.groups, layer.out_features, -1)
+    fisher_weight = layer.spec.matrix_to_weight(layer, matrix)
     fisher_bias = (h[-1] * s + damping).reshape(layer.bias.shape) if layer.has_bias else None
     return fisher_weight, fisher_bias

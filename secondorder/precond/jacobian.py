@@ -262,19 +262,14 @@ def layer_jacobian_rows(layer: CapturedLayer, stats: LayerStats) -> list[Tensor]
 
     The bias entry is present only when ``layer.has_bias``. Memory ``O(R · p_layer)``.
     """
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         return [_embedding_rows(layer, stats)]
-    if layer.kind not in ("linear", "conv2d"):
+    if layer.family != "dense":
         raise ValueError(f"Invalid layer: kind {layer.kind!r} has no Gram identity")
     inputs, grads = _grouped(stats)
     matrix = torch.einsum("rtgo,rtgi->rgoi", grads, inputs)  # (R, G, d_out, d_in')
-    rows = matrix.shape[0]
-    if layer.has_bias:
-        return [
-            matrix[..., :-1].reshape(rows, *layer.weight.shape),
-            matrix[..., -1].reshape(rows, *layer.bias.shape),
-        ]
-    return [matrix.reshape(rows, *layer.weight.shape)]
+    weight, bias = layer.split_matrix(matrix)
+    return [weight] if bias is None else [weight, bias]
 
 
 def layer_gram(layer: CapturedLayer, stats: LayerStats, *, strategy: str = "auto") -> Tensor:
@@ -287,7 +282,7 @@ def layer_gram(layer: CapturedLayer, stats: LayerStats, *, strategy: str = "auto
     """
     if strategy not in ("auto", "pairs", "rows"):
         raise ValueError(f"Invalid strategy: {strategy!r} (expected 'auto', 'pairs' or 'rows')")
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         indices, grads = stats.inputs, stats.output_grads
         rows, positions = indices.shape
         pairs = (

@@ -76,7 +76,7 @@ def kronecker_factors(
     """
     dtype = dtype or statistics_dtype(stats.output_grads.dtype)
     count = max(stats.num_positions, 1)
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         g = stats.output_grads.to(dtype).reshape(-1, layer.out_features)
         index = stats.inputs.reshape(-1)
         valid = index >= 0
@@ -98,7 +98,7 @@ def per_example_gradients(
         ``(N, groups, d_out, d_in')``.
     """
     dtype = dtype or statistics_dtype(stats.output_grads.dtype)
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         g = stats.output_grads.to(dtype)
         index = stats.inputs
         onehot = torch.zeros(index.shape + (layer.in_features,), dtype=dtype, device=g.device)
@@ -107,6 +107,30 @@ def per_example_gradients(
         return torch.einsum("nto,nti->noi", g, onehot).unsqueeze(1)
     a, g = _grouped(stats, layer, dtype)
     return torch.einsum("ntgo,ntgi->ngoi", g, a)
+
+
+def batch_gradient(layer: CapturedLayer, stats: LayerStats) -> Tensor:
+    """``Σ_n G_n = Σ_{n,t} g_{n,t} ā_{n,t}ᵀ``: the window's gradient rebuilt from the rows.
+
+    Equals ``layer.gradient_matrix(weight.grad, bias.grad)`` (times ``1/N`` for a mean loss)
+    when nothing else touched ``.grad`` (all uses of a tied weight included); a mismatch by a
+    power of two is a loss scale (AMP). Dense and embedding families.
+
+    Returns:
+        ``(groups, d_out, d_in')`` in :func:`statistics_dtype` of the gradients.
+    """
+    dtype = statistics_dtype(stats.output_grads.dtype)
+    if layer.family == "embedding":
+        g = stats.output_grads.to(dtype).reshape(-1, layer.out_features)
+        index = stats.inputs.reshape(-1)
+        valid = index >= 0
+        total = torch.zeros(layer.in_features, layer.out_features, dtype=dtype, device=g.device)
+        total.index_add_(0, index[valid], g[valid])
+        return total.transpose(0, 1).unsqueeze(0)
+    if layer.family != "dense":
+        raise ValueError(f"Invalid layer: kind {layer.kind!r} has no gradient matrix")
+    a, g = _grouped(stats, layer, dtype)
+    return torch.einsum("ntgo,ntgi->goi", g, a)
 
 
 def _rotate_rows(rows: Tensor, basis: Tensor | None) -> Tensor:
@@ -137,7 +161,7 @@ def eigenvalue_correction(
     """
     dtype = gradient_basis.dtype
     num_examples = max(stats.num_examples, 1)
-    if layer.kind == "embedding":
+    if layer.family == "embedding":
         return _embedding_correction(layer, stats, gradient_basis, num_examples)
     a, g = _grouped(stats, layer, dtype)
     a = _rotate_rows(a, activation_basis)

@@ -220,7 +220,8 @@ def test_every_trainable_parameter_of_a_mixed_model_moves(name):
         moved = not torch.equal(param, before[param_name])
         assert moved == param.requires_grad, param_name
     kinds = {layer.name: layer.kind for layer in optimizer.capture.layers}
-    assert "frozen" not in kinds and "attention.out_proj" not in kinds and kinds["head"] == "linear"
+    assert "frozen" not in kinds and kinds["head"] == "linear"
+    assert kinds["attention.in_proj"] == kinds["attention.out_proj"] == "attention"
 
 
 @pytest.mark.parametrize("name", ["EKFAC", "AdaFisher"])

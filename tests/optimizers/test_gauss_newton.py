@@ -396,7 +396,8 @@ def test_numerical_failure_keeps_parameters_and_counts():
     with pytest.warns(NumericalWarning):
         optimizer.step(lambda: (model(x) * float("nan"), y))
     assert torch.equal(flat_params(model), before)
-    assert int(optimizer.state[next(model.parameters())]["numerical_failures"]) == 1
+    assert int(optimizer.state[next(model.parameters())]["nonfinite_skips"]) == 1
+    assert optimizer.nonfinite_skips() == 1
 
 
 def test_state_dict_round_trip_continues_identically():

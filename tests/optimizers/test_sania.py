@@ -278,7 +278,7 @@ def test_non_finite_loss_warns_and_keeps_state():
         opt.step(lambda: (w**2).sum() * float("inf"))
     assert torch.equal(w.detach(), before)
     assert torch.equal(opt.state[w]["sum_sq"], saved["sum_sq"])
-    assert int(opt.state[w]["step"]) == 1 and int(opt.state[w]["nonfinite_steps"]) == 1
+    assert int(opt.state[w]["step"]) == 1 and int(opt.state[w]["nonfinite_skips"]) == 1
 
 
 def test_group_lr_is_never_overwritten_and_scales_the_step():
@@ -372,8 +372,11 @@ def test_hutchinson_refuses_gradients_without_graph():
 def test_closure_is_required():
     w = torch.zeros(2, requires_grad=True)
     opt = SANIA([w])
-    with pytest.raises(ValueError, match="closure"):
+    assert opt.step() is None  # no gradient: the DCP state-materialising call, a no-op
+    w.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="closure"):
         opt.step()
+    assert torch.equal(w, torch.zeros(2))
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: None)
     with pytest.raises(ValueError, match="closure"):

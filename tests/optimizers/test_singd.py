@@ -71,6 +71,10 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def assert_same_training_state(
     model_a, opt_a, model_b, opt_b, *, exact: bool = False, rtol=1e-12, atol=1e-12
 ):
@@ -321,16 +325,19 @@ def test_every_structure_trains_in_every_dtype(name, model_dtype, factor_dtype):
 
 
 def _scaler_run(mode: str, clip: float | None, steps: int = 6):
-    """float32 MLP; ``mode`` in plain / step (scaler.step only) / unscale (unscale_ + clip,
-    grad_scaler given) / detect (unscale_ + clip, scale detected)."""
+    """float32 MLP; ``mode`` in plain / plain-unclipped-stats (no scaler; a disabled scaler passed
+    as ``grad_scaler``, so statistics are never rescaled to the clipped gradient) / step
+    (scaler.step only) / unscale (unscale_ + clip, grad_scaler given) / detect (unscale_ + clip,
+    scale measured)."""
     model = mlp(dtype=torch.float32)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    opt = make(model, grad_scaler=scaler if mode == "unscale" else None)
+    given = {"unscale": scaler, "plain-unclipped-stats": torch.amp.GradScaler("cpu", enabled=False)}
+    opt = make(model, grad_scaler=given.get(mode))
     for step in range(steps):
         x, y = batch(step, dtype=torch.float32)
         opt.zero_grad()
         loss = mse(model(x), y)
-        if mode == "plain":
+        if mode.startswith("plain"):
             loss.backward()
             if clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -358,10 +365,15 @@ def test_grad_scaler_with_unscale_and_clipping(mode):
 
 @pytest.mark.parametrize("mode", ["unscale", "detect"])
 def test_grad_scaler_with_active_clipping_matches_clipping_without_scaler(mode):
-    clip = 2.0 if mode == "detect" else 0.05  # detection is exact while clipping shrinks by < 2x
-    reference = _scaler_run("plain", clip)
+    """Measured scale: statistics follow the clipped gradient, with or without a scaler.
+    ``grad_scaler=``: statistics of the unclipped gradient, as a run without scaler that asks
+    for them."""
+    clip = 0.05
+    reference = _scaler_run("plain" if mode == "detect" else "plain-unclipped-stats", clip)
     result = _scaler_run(mode, clip)
     assert_same_training_state(*reference, *result, rtol=1e-5, atol=1e-6)
+    other = _scaler_run("plain-unclipped-stats" if mode == "detect" else "plain", clip)
+    assert not torch.allclose(flat_params(result[0]), flat_params(other[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_grad_scaler_skips_inf_steps_and_drops_their_statistics():
@@ -382,7 +394,7 @@ def test_grad_scaler_skips_inf_steps_and_drops_their_statistics():
     for key, state in before["state"].items():
         for name, value in state.items():
             assert torch.equal(value, after["state"][key][name])
-    assert not opt._capture.has_records()
+    assert not opt.capture.has_records()
 
 
 def _checkpoint_roundtrip(save, load, T: int = 3):
@@ -466,19 +478,21 @@ class _Attention(nn.Module):
         return self.head(self.attention(x, x, x, need_weights=False)[0])
 
 
-def test_multihead_attention_trains_with_the_fallback():
+def test_multihead_attention_projections_are_preconditioned():
     """No KeyError (singd: out_proj's hook never fires), in_proj_weight is trained (singd: silently
-    frozen) and the user is told which parameters go to the fallback."""
+    frozen): the capture recomputes nn.MultiheadAttention's projections, so both get factors."""
     torch.manual_seed(0)
     model = _Attention().double()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.warns(UserWarning, match="in_proj_weight"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back: no warning
         opt = SINGD(model, lr=0.02, T=1)
     losses = train(model, opt, 30, shape=(5, 8))
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} was not trained"
-    assert "K" in opt.state[model.head.weight]
-    assert "exp_avg_sq" in opt.state[model.attention.in_proj_weight]
+    for weight in (model.head.weight, model.attention.in_proj_weight,
+                   model.attention.out_proj.weight):
+        assert "K" in opt.state[weight]
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
@@ -511,11 +525,11 @@ def test_factors_update_only_every_T_steps_and_statistics_are_recorded_only_then
     model = mlp()
     opt = make(model, T=3)
     weight = model[0].weight
-    history, recording = [], [opt._capture.enabled]
+    history, recording = [], [opt.capture.enabled]
     for step in range(7):
         train(model, opt, 1, seed0=step)
         history.append(opt.state[weight]["K"].clone())
-        recording.append(opt._capture.enabled)
+        recording.append(opt.capture.enabled)
     changed = [not torch.equal(history[i], history[i - 1]) for i in range(1, 7)]
     assert changed == [False, False, True, False, False, True]  # updates at steps 3 and 6
     assert recording == [True, False, False, True, False, False, True, False]
@@ -575,10 +589,10 @@ def test_non_finite_statistics_keep_the_last_good_factors():
     x[0, 0] = float("nan")
     opt.zero_grad()
     mse(model(x), y).backward()
-    with pytest.warns(NumericalWarning, match="kept the last good"):
+    with pytest.warns(NumericalWarning, match="not finite"):
         opt.step()
     assert torch.equal(opt.state[weight]["K"], K_before)
-    assert int(opt.state[weight]["numerical_skips"]) == 1
+    assert int(opt.state[weight]["nonfinite_skips"]) == 1
 
 
 def test_param_groups_and_subsets():
@@ -600,13 +614,22 @@ def test_param_groups_and_subsets():
     frozen = subset_model[0].weight.detach().clone()
     train(subset_model, subset, 2)
     assert torch.equal(subset_model[0].weight, frozen)
-    assert [layer.module for layer in subset._capture.layers] == [subset_model[2]]
+    assert [layer.module for layer in subset.capture.layers] == [subset_model[2]]
 
 
-def test_weight_and_bias_in_different_groups_raise():
+def test_weight_and_bias_in_different_groups_train_with_their_own_lr():
+    """The usual decay/no-decay split: the layer is preconditioned once (its weight's group),
+    each parameter steps with its own group's lr."""
     model = mlp()
-    with pytest.raises(ValueError, match="params"):
-        SINGD([{"params": [model[0].weight]}, {"params": [model[0].bias]}], model=model)
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    opt = SINGD([{"params": weights, "weight_decay": 0.1}, {"params": biases, "lr": 0.0}], model=model,
+                lr=1e-2, T=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 3)
+    for p, old in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, old) == any(p is b for b in biases)
+    assert all("K" in opt.state[w] for w in weights)
 
 
 @pytest.mark.parametrize(
@@ -626,7 +649,7 @@ def test_weight_and_bias_in_different_groups_raise():
         ({"preconditioner_dtype": torch.int32}, "preconditioner_dtype"),
         ({"init_scale": 0.0}, "init_scale"),
         ({"kfac_like": 1}, "kfac_like"),
-        ({"fallback_betas": (0.9, 1.0)}, "fallback_betas"),
+        ({"betas": (0.9, 1.0)}, "betas"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
@@ -636,7 +659,7 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
 
 def test_model_is_required_and_kfac_like_drops_alpha1():
     model = mlp()
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(TypeError, match="model"):
         SINGD(model.parameters())
     with pytest.warns(UserWarning, match="alpha1"):
         opt = SINGD(model, kfac_like=True, alpha1=0.5)

@@ -211,7 +211,7 @@ def test_identity_matching_frozen_unsupported_and_attention():
         }
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    capture = LayerCapture(model, params)
+    capture = LayerCapture(model, params, kinds=("linear", "conv2d", "embedding"))
     assert [layer.name for layer in capture.layers] == ["head"]
     head = capture.layers[0]
     assert (
@@ -253,6 +253,9 @@ def test_broadcast_layer_is_not_reported():
     x = torch.randint(0, 5, (6, 4))
     stats = _run(model, capture, x, x)
     assert {layer.name for layer in stats} == {"tok", "head"}
+    assert capture.describe()["pos.weight"]["status"] == "fallback"
+    assert "broadcast" in capture.describe()["pos.weight"]["reason"]
+    assert [name for name, _ in capture.untracked_matrices()] == ["pos.weight"]
     assert all(s.num_examples == 6 for s in stats.values())
     _check_layers(
         model,
