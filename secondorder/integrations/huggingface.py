@@ -42,7 +42,9 @@ What it adds to ``Trainer``:
 
 from __future__ import annotations
 
+import inspect
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +82,21 @@ def causal_lm_outputs(model: nn.Module, inputs: dict[str, Any]) -> tuple[Tensor,
     return logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1)[keep]
 
 
+def _has_argument(optimizer_cls: type, name: str) -> bool:
+    """Whether ``optimizer_cls.__init__`` names ``name`` (its own or, through ``**kwargs``,
+    a base class's)."""
+    for klass in optimizer_cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        if name in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return False
+
+
 def needs_model(optimizer_cls: Any) -> bool:
     """Whether ``optimizer_cls`` is one of the suite's optimizers that read layer inputs and
     so take ``model=`` (EKFAC, AdaFisher/AdaFisherW, SINGD, ExactGaussNewton)."""
@@ -110,23 +127,37 @@ class SecondOrderTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer creation
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, with ``model=`` for capture optimizers and the closure glue."""
+        """The Trainer's optimizer, with ``model=`` for capture optimizers and the closure glue.
+
+        Built from ``optimizer_cls_and_kwargs``, the suite's optimizers get the Trainer's two
+        weight-decay groups when they have a ``weight_decay`` argument, else one group (SANIA
+        and ExactGaussNewton refuse unknown group keys; a nonzero
+        ``TrainingArguments.weight_decay`` is then ignored with a warning).
+        """
         opt_model = self.model if model is None else model
         if self.optimizer is None and self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, kwargs = self.optimizer_cls_and_kwargs
-            if needs_model(optimizer_cls) and "model" not in kwargs:
-                self.optimizer = optimizer_cls(self._weight_decay_groups(opt_model), model=opt_model,
-                                               **kwargs)
+            extra = {"model": opt_model} if needs_model(optimizer_cls) and "model" not in kwargs else {}
+            if extra or not _has_argument(optimizer_cls, "weight_decay"):
+                groups = self._param_groups(opt_model, optimizer_cls)
+                self.optimizer = optimizer_cls(groups, **extra, **kwargs)
         optimizer = super().create_optimizer(model)
         inner = getattr(optimizer, "optimizer", optimizer)  # SageMaker wraps; plain elsewhere
         if isinstance(inner, (SANIA, ExactGaussNewton)) and not getattr(inner, "_trainer_step", False):
             _supply_closure(inner, self)
         return optimizer
 
-    def _weight_decay_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """The Trainer's two groups: decayed weights and the rest (biases, norms)."""
-        decay = set(self.get_decay_parameter_names(model))
+    def _param_groups(self, model: nn.Module, optimizer_cls: type) -> list[dict[str, Any]]:
+        """The Trainer's two groups (decayed weights; biases and norms) or, for an optimizer
+        without weight decay, one group."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not _has_argument(optimizer_cls, "weight_decay"):
+            if self.args.weight_decay:
+                warnings.warn(
+                    f"{optimizer_cls.__name__} has no weight decay: TrainingArguments.weight_decay="
+                    f"{self.args.weight_decay} is ignored", UserWarning, stacklevel=3)
+            return [{"params": [p for _, p in named]}]
+        decay = set(self.get_decay_parameter_names(model))
         groups = [
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},

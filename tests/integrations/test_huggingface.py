@@ -120,6 +120,20 @@ def test_capture_optimizers_get_the_model(lm_data, tmp_path):
     assert decays == [0.0, 0.1]
 
 
+def test_optimizers_without_weight_decay_get_one_group(lm_data, tmp_path):
+    """SANIA refuses unknown group keys: one group, and the Trainer's weight decay is refused
+    aloud."""
+    model = tiny_model("llama-tied", width=16, context=16)
+    trainer = SecondOrderTrainer(model=model, args=_args(tmp_path, max_steps=1, weight_decay=0.1),
+                                 train_dataset=lm_data[0],
+                                 optimizer_cls_and_kwargs=OPTIMIZERS["SANIA"])
+    with pytest.warns(UserWarning, match="SANIA has no weight decay"):
+        trainer.train()
+    inner = trainer.optimizer.optimizer
+    assert len(inner.param_groups) == 1 and "weight_decay" not in inner.param_groups[0]
+    assert inner.last_tau is not None
+
+
 def _one_window_trainer(model_name, optimizer, data, tmp_path):
     """The whole 8-row dataset is one accumulation window (2 micro-batches of 4): one step."""
     model = tiny_model(model_name, width=16, context=16)
@@ -195,17 +209,13 @@ def _fallback_names(optimizer, model):
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
-@pytest.mark.xfail(strict=False, reason="pending issue 18 items 1-2 (another helper): transformers' "
-                   "Conv1D layers in secondorder/precond/capture*.py")
-@pytest.mark.parametrize("optimizer", [EKFAC, AdaFisherW])
+@pytest.mark.parametrize("optimizer", [EKFAC, AdaFisherW, SINGD])
 def test_gpt2_conv1d_weights_are_tracked(optimizer):
     model = tiny_model("gpt2", width=16, context=16)
     fallback = _fallback_names(optimizer(model.parameters(), model=model), model)
     assert not [name for name in fallback if name.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight"))]
 
 
-@pytest.mark.xfail(strict=False, reason="pending issue 18 item 1 (another helper): RMSNorm in "
-                   "secondorder/precond/capture*.py")
 def test_llama_rmsnorm_weights_are_tracked_by_adafisher():
     model = tiny_model("llama-untied", width=16, context=16)
     fallback = _fallback_names(AdaFisherW(model.parameters(), model=model), model)
@@ -213,8 +223,6 @@ def test_llama_rmsnorm_weights_are_tracked_by_adafisher():
 
 
 # ---------------------------------------------------------------------------- outside the glue
-@pytest.mark.xfail(strict=False, reason="pending lead's change (issues 13/18 item 4): SANIA and "
-                   "ExactGaussNewton raise RuntimeError at step() with gradients and no closure")
 @pytest.mark.parametrize("make", [lambda m: SANIA(m.parameters()),
                                   lambda m: ExactGaussNewton(m.parameters(), model=m,
                                                              loss="cross_entropy")],
