@@ -36,6 +36,7 @@ from benchmarks.report import write_json
 OPTIMIZERS = ("AdamW", "Shampoo", "Shampoo-SOAP", "EKFAC", "AdaFisherW", "SINGD", "SANIA")
 LM_MODELS = ("gpt2", "llama-tied", "llama-untied")
 BASELINE = "AdamW"
+DIVERGED = math.log(256)  # a held-out loss above uniform guessing over bytes (or NaN)
 
 
 def _optimizer_spec(name: str) -> tuple[type, dict[str, Any]]:
@@ -88,13 +89,14 @@ def run_one(model_name: str, name: str, factor: float, data, steps: int, context
 
 
 def best_table(runs: list[dict[str, Any]], models: list[str], names: list[str]) -> str:
-    """Markdown: per model, each optimizer's best held-out loss (and its lr), minus AdamW's."""
+    """Markdown: per model, each optimizer's best held-out loss (and its lr), minus AdamW's;
+    "diverged" when every lr ended above :data:`DIVERGED` (or NaN)."""
     lines = ["| optimizer | " + " | ".join(f"{m}: held-out (lr) | vs AdamW" for m in models) + " |",
              "|---|" + "---|---|" * len(models)]
     best = {}
     for run in runs:
         key = (run["model"], run["optimizer"])
-        if math.isfinite(run["held_out"]) and (key not in best or run["held_out"] < best[key]["held_out"]):
+        if run["held_out"] < DIVERGED and (key not in best or run["held_out"] < best[key]["held_out"]):
             best[key] = run
     for name in names:
         cells = []
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("steps", "context", "width"):
             if previous["settings"][key] != getattr(args, key):
                 raise ValueError(f"Invalid previous: its {key} is {previous['settings'][key]}")
-        runs = [{**run, "capture": None if run["capture"] is None else tuple(run["capture"])}
-                for run in previous["runs"]]
+        runs = [{**run, "capture": None if run["capture"] is None else tuple(run["capture"]),
+                 "held_out": math.nan if run["held_out"] is None else run["held_out"]}
+                for run in previous["runs"]]  # the JSON stores non-finite losses as null
         models = list(dict.fromkeys([run["model"] for run in runs] + models))
         names = list(dict.fromkeys([run["optimizer"] for run in runs] + names))
         factors_run = {(run["model"], run["optimizer"], run["factor"]) for run in runs}
