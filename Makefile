@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench lint install install-test install-bench clean
+.PHONY: demo test test-all bench lint install install-test install-bench clean distributed-demo
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ install-bench: .torch-stamp
 # The main job: the quick benchmark race (< 3 minutes on 2 CPU cores).
 demo: install-bench
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.race --quick
+
+# The README's torchrun example: 2 CPU ranks (gloo), restarts by itself after a lost rank.
+distributed-demo: install-bench
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 --max-restarts=3 \
+		-m benchmarks.train_distributed --optimizer Shampoo --steps 200 \
+		--checkpoint-dir ckpt/shampoo --checkpoint-every 50
 
 # The whole default test suite (slow benchmark-like checks are left to `make test-all`).
 test: install-test

@@ -19,8 +19,12 @@ steadier figure when other processes share the cores (the JSON holds both).
 For Shampoo it also times the bare linear algebra the step must do, alone: per 2-D block
 ``(m, n)`` the factor updates ``G Gᵀ`` and ``Gᵀ G`` and the preconditioning ``L^{-1/4} G
 R^{-1/4}`` (four matmuls per step) plus, every ``f`` steps, one ``eigh`` per factor and the
-root ``Q diag(λ^{-1/4}) Qᵀ``. It prints ``amortized step / bare linear algebra`` at each
-frequency (the target is <= 1.25 at frequency 10). Eigh is also timed on every core to show
+root ``Q diag(λ^{-1/4}) Qᵀ``; for ``Shampoo-SOAP`` rows the floor is the factor products and
+three rotations ``Qᵀ G Q`` per step plus one warm-started QR step per factor per refresh
+(wall clock only). On the same factors it times the cheap refreshes
+(``refresh_method``): coupled Newton roots against eigh + root, and one warm-started QR step
+against eigh (SOAP mode), with their accuracy. It prints ``amortized step / bare linear algebra`` at each
+frequency (the target is <= 1.05 at frequencies 10 and 100). Eigh is also timed on every core to show
 the multi-threaded collapse (reference/pytorch_conventions.md, appendix). Outputs
 ``step_time.json`` in ``--out`` (default ``bench_results/step_time``).
 """
@@ -42,6 +46,7 @@ from torch.nn import functional as F
 from benchmarks.models import MLP, count_parameters
 from benchmarks.registry import REGISTRY, EntryUnavailable, build_optimizer, resolve_target
 from benchmarks.report import finite_or_none
+from secondorder.precond.linalg import coupled_newton_inverse_root, warm_started_eigenbasis
 
 SIZES = (256, 1024, 1024, 10)
 POOL = 4
@@ -222,6 +227,7 @@ def shampoo_linalg(
         root_wall, root_cpu = _median_ms(_root, reps, q, s)
         amortized[f"eigh {d}x{d} x{count}"] = (count * eigh_wall, count * eigh_cpu)
         amortized[f"root {d}x{d} x{count}"] = (count * root_wall, count * root_cpu)
+    refresh = refresh_costs(spd, dims, reps)
     threads_now = torch.get_num_threads()
     eigh_by_threads = {
         str(threads_now): sum(v[0] for k, v in amortized.items() if k.startswith("eigh"))
@@ -241,7 +247,51 @@ def shampoo_linalg(
         "per_step_cpu_ms": sum(v[1] for v in per_step.values()),
         "amortized_cpu_ms": sum(v[1] for v in amortized.values()),
         "eigh_ms_by_threads": eigh_by_threads,
+        "refresh": refresh,
     }
+
+
+def _perturbed(matrix: torch.Tensor, seed: int) -> torch.Tensor:
+    """``matrix`` plus a 10% symmetric PSD perturbation: the next refresh's factor."""
+    gen = torch.Generator().manual_seed(seed)
+    d = matrix.shape[0]
+    noise = torch.randn(d, d // 4 + 1, generator=gen)
+    return matrix + 0.1 * noise @ noise.T / noise.shape[1]
+
+
+def refresh_costs(spd: dict[int, torch.Tensor], dims: list[int], reps: int) -> dict[str, Any]:
+    """Amortised work per method on the same factors: ``eigh`` + root (root mode) against
+    coupled Newton (root ``p = 4``), and ``eigh`` against one warm-started QR step (SOAP
+    mode, from the previous refresh's basis). Per distinct factor size ``d`` (counted per
+    factor as in :func:`shampoo_linalg`): ms per method, Newton's iterations and its root's
+    largest relative difference from the eigh root, and the QR basis's subspace error on the
+    top quarter of the spectrum. Returns per-size rows and the per-refresh sums."""
+    rows, totals = {}, {"eigh_root": 0.0, "newton_root": 0.0, "eigh_basis": 0.0, "qr_basis": 0.0}
+    for d, previous in spd.items():
+        count = dims.count(d)
+        current = _perturbed(previous, d)
+        old_basis = torch.linalg.eigh(previous).eigenvectors
+        values, vectors = torch.linalg.eigh(current)
+        eigh_root = _root(vectors, values.pow(-0.25))
+        eigh_ms = _median_ms(torch.linalg.eigh, 3, current)[0]
+        root_ms = _median_ms(_root, reps, vectors, values)[0]
+        newton_ms = _median_ms(lambda m: coupled_newton_inverse_root(m, 4), 3, current)[0]
+        newton_root, residual = coupled_newton_inverse_root(current, 4)
+        qr_ms = _median_ms(warm_started_eigenbasis, 3, current, old_basis)[0]
+        _, qr_basis, _ = warm_started_eigenbasis(current, old_basis)
+        top = max(1, d // 4)
+        exact_top, qr_top = vectors.flip(1)[:, :top], qr_basis[:, :top]
+        rows[str(d)] = {
+            "count": count, "eigh_ms": eigh_ms, "root_ms": root_ms, "newton_ms": newton_ms,
+            "newton_residual": residual, "qr_ms": qr_ms,
+            "newton_vs_eigh_root": float((newton_root - eigh_root).abs().max() / eigh_root.abs().max()),
+            "qr_top_subspace_error": float(torch.linalg.matrix_norm(qr_top @ qr_top.T - exact_top @ exact_top.T)),
+        }
+        totals["eigh_root"] += count * (eigh_ms + root_ms)
+        totals["newton_root"] += count * newton_ms
+        totals["eigh_basis"] += count * eigh_ms
+        totals["qr_basis"] += count * qr_ms
+    return {"per_size": rows, "per_refresh_ms": totals}
 
 
 def plan(
@@ -295,7 +345,7 @@ def format_table(
             f"{row['median_ms'] / baseline['median_ms']:.1f}",
             f"{row['state_bytes'] / 2**20:.1f}",
             "—" if fwd is None else f"{fwd:.1f} ({row['plain_fwd_bwd_ms']:.1f})",
-            "—" if ratio is None else f"{ratio:.2f} ({ratio_cpu:.2f})",
+            "—" if ratio is None else f"{ratio:.2f}" + ("" if ratio_cpu is None else f" ({ratio_cpu:.2f})"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if linalg is not None:
@@ -308,6 +358,19 @@ def format_table(
             f"factor); all eighs of one amortized step: {eigh}. Wall-clock times unless marked "
             f"CPU (process CPU time: steadier when other processes share the cores)"
         )
+        totals = linalg["refresh"]["per_refresh_ms"]
+        lines.append(
+            f"\nAmortised refresh of the same factors, ms per refresh: root mode eigh + root "
+            f"{totals['eigh_root']:.1f}, coupled Newton {totals['newton_root']:.1f}; SOAP mode "
+            f"eigh {totals['eigh_basis']:.1f}, warm-started QR {totals['qr_basis']:.1f}"
+        )
+        for d, row in linalg["refresh"]["per_size"].items():
+            lines.append(
+                f"  d={d} (x{row['count']}): eigh {row['eigh_ms']:.1f} + root {row['root_ms']:.1f}, "
+                f"Newton {row['newton_ms']:.1f} (residual {row['newton_residual']:.1e}, max rel. diff "
+                f"to eigh root {row['newton_vs_eigh_root']:.1e}), QR {row['qr_ms']:.1f} (top-quarter "
+                f"subspace error {row['qr_top_subspace_error']:.1e})"
+            )
     return "\n".join(lines)
 
 
@@ -381,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     linalg = None
-    if any(row["optimizer"] == "Shampoo" for row in rows):
+    if any(row["optimizer"] in ("Shampoo", "Shampoo-SOAP") for row in rows):
         shapes = [tuple(p.shape) for p in MLP(SIZES).parameters()]
         eigh_threads = sorted({1, args.threads, os.cpu_count() or 1})
         linalg = shampoo_linalg(shapes, args.reps, eigh_threads)
@@ -393,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["bare_linalg_ms"], row["bare_linalg_cpu_ms"] = bare, bare_cpu
                 row["over_bare_linalg"] = row["mean_ms"] / bare
                 row["over_bare_linalg_cpu"] = row["cpu_mean_ms"] / bare_cpu
+            elif row["optimizer"] == "Shampoo-SOAP" and row["frequency"]:
+                # SOAP mode (QR refreshes): factor products and three rotations per step, one
+                # warm-started QR step per factor per refresh; wall clock only.
+                per_step = sum(wall for key, (wall, _) in linalg["per_step"].items() if not key.startswith("LGR"))
+                per_step += 3 * sum(wall for key, (wall, _) in linalg["per_step"].items() if key.startswith("LGR"))
+                bare = per_step + linalg["refresh"]["per_refresh_ms"]["qr_basis"] / row["frequency"]
+                row["bare_linalg_ms"], row["over_bare_linalg"] = bare, row["mean_ms"] / bare
     baseline = next(row for row in rows if row["optimizer"] == "AdamW")
     table = format_table(rows, linalg, baseline)
     print(table)

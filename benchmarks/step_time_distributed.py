@@ -21,6 +21,7 @@ Writes ``step_time_distributed.json`` (``_fsdp.json`` for FSDP2) under ``--out``
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import os
@@ -183,6 +184,10 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         with open(args.result, "w") as handle:
             json.dump({"device": device.type, "rows": rows}, handle)
+    # DDP holds the process group: freed after it was destroyed, it left a rank hanging at
+    # exit now and then (gloo, torch 2.13), so it goes first.
+    del wrapped, optimizer, model
+    gc.collect()
     dist.barrier()  # no rank leaves while a peer still works
     dist.destroy_process_group()
 

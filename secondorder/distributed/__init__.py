@@ -4,10 +4,16 @@
 * :mod:`~secondorder.distributed.distributor` — owner assignment and the per-step
   collectives (:class:`Distributor` for one process, :class:`AllGatherDistributor` for
   ``torchrun`` data parallelism);
-* :mod:`~secondorder.distributed.ownership` — layer ownership for the capture-based optimizers;
+* :mod:`~secondorder.distributed.ownership` — layer ownership for the capture-based optimizers,
+  and :mod:`~secondorder.distributed.state_gather` — every layer's state on every rank
+  (influence factors from a distributed EK-FAC);
+* :mod:`~secondorder.distributed.elastic` — joining the process group under ``torchrun`` so
+  that restarts reconnect and lost or frozen peers end in bounded time;
 * :mod:`~secondorder.distributed.full_view` / :mod:`~secondorder.distributed.sharding` —
   FSDP2 (DTensor) parameters: full views for layer optimizers, per-shard state for Shampoo;
-* :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding.
+* :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding, and
+  :mod:`~secondorder.distributed.checkpoint_files` — atomic commits, completion markers,
+  newest-complete lookup, pruning and preflight checks.
 
 Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distributor`)::
 
@@ -16,7 +22,15 @@ Every optimizer of the suite takes ``distributor=`` (see :func:`resolve_distribu
     optimizer = secondorder.Shampoo(model.parameters(), lr=1e-3, distributor=True)
 """
 
-from secondorder.distributed.checkpoint import load_checkpoint, save_checkpoint
+from secondorder.distributed.checkpoint import (
+    CheckpointError,
+    RNGStates,
+    check_checkpoint_dir,
+    checkpoint_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from secondorder.distributed.distributor import (
     AllGatherDistributor,
     Distributor,
@@ -26,8 +40,13 @@ from secondorder.distributed.distributor import (
 
 __all__ = [
     "AllGatherDistributor",
+    "CheckpointError",
     "Distributor",
+    "RNGStates",
     "assign_owners",
+    "check_checkpoint_dir",
+    "checkpoint_bytes",
+    "latest_checkpoint",
     "load_checkpoint",
     "resolve_distributor",
     "save_checkpoint",

@@ -8,7 +8,9 @@ optimizer-specific code:
    parameter of the param groups (the optimizers' Adam-style fallback) is a block of its own.
    Blocks are listed in param_groups order and assigned by cost (LPT,
    :func:`~secondorder.distributed.distributor.assign_owners`; a layer costs
-   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count).
+   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count, and its state
+   size — ``2(d_in'² + d_out²) + d_out·d_in'`` plus its parameters, diagonal factors for
+   AdaFisher — is balanced too).
 2. **Statistics.** :meth:`gather_stats` hands each owner the layer inputs and output
    gradients captured on *every* rank's micro-batch, concatenated along the example
    dimension (rank order), so the owner's statistics are those of the global batch;
@@ -102,18 +104,24 @@ class LayerOwnership:
             in_layer = {
                 id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None
             }
-            blocks, costs = [], []
+            blocks, costs, sizes = [], [], []
+            diagonal = _keeps_diagonal_factors(self.optimizer)
             for param in params:
                 layer = by_weight.get(id(param))
                 if layer is not None:
                     members = [p for p in (layer.weight, layer.bias) if p is not None]
                     blocks.append(members)
-                    costs.append(_layer_cost(layer) + sum(p.numel() for p in members))
+                    numel = sum(p.numel() for p in members)
+                    costs.append(_layer_cost(layer) + numel)
+                    sizes.append(_layer_state_size(layer, diagonal) + numel)
                 elif id(param) not in in_layer:
                     blocks.append([param])
                     costs.append(float(param.numel()))
+                    sizes.append(2.0 * param.numel())  # the Adam-style fallback's two moments
             self._key, self._blocks = key, blocks
-            self._owners = self.distributor.assign(costs)
+            # Cost and state size both balanced: a layer's d³ eigendecomposition cost says
+            # little about its d² factors, so cost alone can pile memory up on one rank.
+            self._owners = self.distributor.assign(costs, sizes)
             self._owner_of = {
                 id(p): owner
                 for block, owner in zip(blocks, self._owners, strict=True)
@@ -255,6 +263,26 @@ class LayerOwnership:
 def _new_id(key: int, mapping: Mapping[int, Tensor]) -> int:
     """``key`` (a tensor's ``id``) after the swap ``mapping``."""
     return id(mapping[key]) if key in mapping else key
+
+
+def _keeps_diagonal_factors(optimizer: Any) -> bool:
+    """AdaFisher keeps diagonal Kronecker factors (EK-FAC and SINGD keep full ones)."""
+    from secondorder.optimizers.adafisher import AdaFisher  # the optimizers import this module
+
+    return isinstance(optimizer, AdaFisher)
+
+
+def _layer_state_size(layer: Any, diagonal: bool) -> float:
+    """Estimated floats of a layer's factor state: ``A`` and ``G`` with their bases (or
+    inverses) and EK-FAC's ``d_out × d_in`` correction for full factors; two vectors each
+    for diagonal ones. A diagonal input side (embeddings, norms) keeps a vector."""
+    d_in, d_out = int(layer.in_features), int(layer.out_features)
+    groups = int(getattr(layer, "groups", 1))
+    if diagonal:
+        return float(groups * 2 * (d_in + d_out))
+    diagonal_input = getattr(layer, "kind", "linear") in ("embedding", "layernorm", "batchnorm")
+    input_size = 2 * d_in if diagonal_input else 2 * d_in * d_in
+    return float(groups * (input_size + 2 * d_out * d_out + d_out * d_in))
 
 
 def _layer_cost(layer: Any) -> float:

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor
+from secondorder.distributed.state_gather import gather_layer_states
 from secondorder.influence.collect import (
     FISHER_MODES,
     LayerRecorder,
@@ -137,7 +138,8 @@ class InfluenceFactors:
 
         Args:
             optimizer: a ``secondorder.EKFAC`` that has taken at least one step (any object
-                with a ``capture`` of layers and per-weight ``state`` in that layout).
+                with a ``capture`` of layers and per-weight ``state`` in that layout). When it
+                is distributed, every rank must call this (the owners' factors are gathered).
             strategy: ``ekfac`` (the corrected eigenvalues) or ``kfac`` (``λ_S λ_Aᵀ``).
 
         Raises:
@@ -150,8 +152,10 @@ class InfluenceFactors:
                 f"Invalid optimizer: {type(optimizer).__name__} keeps no captured layer statistics"
             )
         layers = {}
+        # Collective under a distributed optimizer: each layer's state lives on its owner.
+        states = gather_layer_states(optimizer, capture.layers)
         for layer in capture.layers:
-            state = optimizer.state.get(layer.weight, {})
+            state = states.get(layer.name, {})
             if "gradient_basis" not in state:
                 raise ValueError(
                     f"Invalid optimizer: layer {layer.name!r} has no eigenbasis yet "

@@ -88,7 +88,8 @@ class AdaFisher(CapturingOptimizer):
         damping: ``λ > 0`` (``Lambda`` of the official code).
         gamma: ``γ ∈ [0, 1)`` of the factor average.
         weight_decay: ``κ ≥ 0``.
-        update_freq: refresh interval ``T_cov ≥ 1``.
+        update_freq: refresh interval ``T_cov ≥ 1`` (``stats_every``, the name the other layer
+            optimizers use, is accepted for it).
         ema: ``"paper"`` or ``"reference"`` (above).
         minmax_eps: ``ε`` of the min-max normalisation.
         unsupported: ``"adam"`` or ``"identity"`` (above).
@@ -127,6 +128,7 @@ class AdaFisher(CapturingOptimizer):
         model: nn.Module | None = None,
         weight_decay_type: str = "l2",
         update_freq: int = 100,
+        stats_every: int | None = None,
         ema: str = "paper",
         minmax_eps: float = 1e-6,
         unsupported: str = "adam",
@@ -141,6 +143,7 @@ class AdaFisher(CapturingOptimizer):
     ) -> None:
         params, model = split_model_argument(params, model, lr)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        update_freq = update_freq if stats_every is None else stats_every  # the suite's common name
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, damping=damping,
             gamma=gamma, weight_decay=weight_decay, weight_decay_type=weight_decay_type,

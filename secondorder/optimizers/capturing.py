@@ -137,23 +137,29 @@ class CapturingOptimizer(SecondOrderOptimizer):
         return [p for group in self.param_groups for p in self.capture.fallback_params(group["params"])]
 
     def _warn_fallback_weights(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        matrices = self.capture.untracked_matrices(params)
         names = self._named()
-        weights = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in self._fallback_params()
-                   if p.dim() >= 2 and p.requires_grad]
-        if weights:
-            listed = ", ".join(weights[:8]) + (" …" if len(weights) > 8 else "")
+        matrices += [(f"<a {tuple(p.shape)} weight>", "not a parameter of model=")
+                     for p in self._fallback_params() if p.dim() >= 2 and p.requires_grad and id(p) not in names]
+        if matrices:
+            listed = "; ".join(f"{name} ({reason})" for name, reason in matrices[:8])
             warnings.warn(
-                f"{type(self).__name__}: {len(weights)} weight matrices are outside the layers it "
-                f"preconditions ({', '.join(self.capture_kinds)}) and train with the Adam fallback: "
-                f"{listed}. See optimizer.describe().", UserWarning, stacklevel=4)
+                f"{type(self).__name__}: {len(matrices)} weight matrices are outside the layers it "
+                f"preconditions and train with the Adam fallback: {listed}"
+                f"{' …' if len(matrices) > 8 else ''}. See optimizer.describe().", UserWarning, stacklevel=4)
 
     def describe(self) -> str:
-        """Which layers are preconditioned (by kind) and which parameters fall back to Adam."""
+        """Which layers are preconditioned (by kind) and which parameters fall back, and why."""
         names = self._named()
         kinds: dict[str, int] = {}
         for layer in self.capture.layers:
             kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
-        fallback = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in self._fallback_params()]
+        reasons = {name: info.get("reason") for name, info in self.capture.describe().items()}
+        fallback = []
+        for param in self._fallback_params():
+            name = names.get(id(param), f"<unnamed {tuple(param.shape)}>")
+            fallback.append(f"{name} ({reasons[name]})" if reasons.get(name) else name)
         tracked = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none"
         return (f"{type(self).__name__}: preconditioned layers: {tracked}; "
                 f"Adam fallback ({len(fallback)} parameters): {', '.join(fallback) or 'none'}")

@@ -3,8 +3,9 @@
 The algorithm and its conventions follow Meta's distributed_shampoo (Shi et al. 2023,
 "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer for
 Training Neural Networks At-Scale"), so that its "classic configuration" (Adam grafting,
-EMA factors; ``tests/optimizers/test_shampoo.py`` checks it against a dense oracle of it) gives
-the same numbers.
+EMA factors) gives the same numbers: ``tests/optimizers/test_shampoo.py`` checks it against a
+dense float64 oracle of that configuration, and ``tests/optimizers/test_shampoo_migration.py``
+checks every row of the README's "Coming from distributed_shampoo" table.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from secondorder.precond.diagonal import (
     update_second_moments,
 )
 from secondorder.precond.kronecker import KroneckerFactors, compute_inverses
-from secondorder.precond.linalg import bias_correction
+from secondorder.precond.linalg import bias_correction, finite_or_zero, keep_where
 
 GRAFTING_KINDS = ("none",) + DIAGONAL_KINDS
-WEIGHT_DECAY_KINDS = ("decoupled", "l2")
+WEIGHT_DECAY_KINDS = ("decoupled", "decoupled_before_momentum", "l2")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
@@ -72,9 +73,13 @@ class Shampoo(SecondOrderOptimizer):
     gains) get the graft's diagonal method instead of a full ``d × d`` factor unless
     ``precondition_1d=True`` (merged small matrices are still preconditioned); optimizer
     state of bf16 parameters is float32; decoupled decay is applied as AdamW does, outside
-    momentum; nothing is written to disk on failure; a block whose gradient is not finite
-    is skipped for that step (no state change, counted and warned) instead of poisoning its
-    factors.
+    momentum (``weight_decay_type="decoupled_before_momentum"`` is distributed_shampoo's
+    form); nothing is written to disk on failure; a block whose gradient is not finite is
+    skipped for that step (its statistics, moments, momentum and weight unchanged except for
+    AdamW-style decay, counted) instead of poisoning its factors. The screen runs on the
+    device and masks the updates, so plain steps never wait for the device; the warning (at
+    once on CPU, where reading the screen costs no sync) and keeping a skipped block's root or
+    basis happen at the next refresh step.
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -88,13 +93,18 @@ class Shampoo(SecondOrderOptimizer):
             Learning"). Without it (0, distributed_shampoo's behaviour) a factor that is still
             rank deficient amplifies float rounding in its null space by up to ``ε^(−e)``.
         weight_decay: decay strength ``wd ≥ 0``.
-        weight_decay_type: ``"decoupled"`` (AdamW) or ``"l2"`` (added to the gradient).
+        weight_decay_type: ``"decoupled"`` (AdamW: ``W ← W·(1 − lr·wd)`` after momentum),
+            ``"decoupled_before_momentum"`` (distributed_shampoo's ``DECOUPLED``: ``wd·W`` is
+            added to the grafted direction before momentum, so the momentum buffer carries
+            it; identical to ``"decoupled"`` up to rounding when ``momentum = 0``) or ``"l2"``
+            (added to the gradient).
         momentum: classic momentum ``μ ∈ [0, 1)`` applied after preconditioning (0 = off).
         dampening: momentum dampening ``d ∈ [0, 1)``.
         nesterov: Nesterov form of the momentum.
         precondition_frequency: ``f ≥ 1``, steps between root recomputations.
         start_preconditioning_step: first step with a Shampoo direction (default ``f``, and
-            1 in the eigenvalue-corrected mode; ``math.inf`` never preconditions, which with
+            1 in the eigenvalue-corrected mode; root mode requires ``≥ f`` as
+            distributed_shampoo does, SOAP mode ``≥ 1``; ``math.inf`` never preconditions, which with
             grafting is the graft method itself). SOAP mode computes its first bases at this
             step, so ``Λ`` is accumulated in an eigenbasis from the start, as in SOAP
             (Vyas et al. 2024). A later start carries ``Λ``, gathered in the identity basis,
@@ -108,11 +118,27 @@ class Shampoo(SecondOrderOptimizer):
         eigenvalue_correction: SOAP mode (Adam in the Kronecker eigenbasis). Grafting then
             defaults to ``"none"``.
         inverse_exponent_override: ``{order: exponent}`` or ``{order: {dim: exponent}}``;
-            exponent 0 disables the factor of that dim.
+            exponent 0 disables the factor of that dim (a block whose exponents are all 0
+            gets the identity direction, grafted, as in distributed_shampoo). SOAP mode:
+            0 on a dim means no basis change on it (distributed_shampoo's
+            ``ignored_basis_change_dims``) and a positive exponent ``e`` replaces the ½ of the
+            denominator ``(Λ/c₂)^e + ε`` (its ``inverse_exponent_override``); the positive
+            exponents of one order must then be equal (ValueError otherwise).
         precondition_1d: give 1-D parameters full Kronecker factors (distributed_shampoo's
             behaviour) instead of the graft's diagonal method.
         use_bias_correction: bias-correct factors, ``Λ`` and ``β₁``'s EMA.
         factor_dtype: dtype of factors and roots (``torch.float32`` or ``torch.float64``).
+        refresh_method: how amortised steps refresh each factor's root or basis
+            (:data:`~secondorder.precond.kronecker.REFRESH_METHODS`). Root mode: ``"eigh"``
+            (default) or ``"newton"``, coupled Newton iterations (matmuls only, for GPUs) with
+            ``eigh`` as the fallback. SOAP mode: ``"qr"`` (default), one orthogonal-iteration
+            step warm-started from the previous basis with ``Λ`` permuted along (Vyas et al.
+            2024; the first basis is always an ``eigh``), or ``"eigh"``. On the race's quick
+            workloads QR matched eigh's loss at equal frequency for less time per refresh.
+        packed_factors: store each factor (and root) as its upper triangle, ``d(d+1)/2``
+            numbers instead of ``d²``, when memory matters more than time: every step then
+            unpacks the roots and every update the factor's product (distributed_shampoo's
+            ``use_symmetric_packing``; about 25–30% slower steps there). Same results.
         distributor: ``None`` (one process), ``True`` (every rank of the default process
             group owns a cost-balanced share of the blocks, and one all-gather per step
             shares the updates; use under ``torchrun`` with a DDP model), a
@@ -163,6 +189,8 @@ class Shampoo(SecondOrderOptimizer):
         precondition_1d: bool = False,
         use_bias_correction: bool = True,
         factor_dtype: torch.dtype = torch.float32,
+        refresh_method: str | None = None,
+        packed_factors: bool = False,
         distributor: Distributor | bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -175,6 +203,8 @@ class Shampoo(SecondOrderOptimizer):
             epsilon = 1e-8 if eigenvalue_correction else 1e-12
         if start_preconditioning_step is None:
             start_preconditioning_step = 1 if eigenvalue_correction else precondition_frequency
+        if refresh_method is None:  # SOAP: QR refreshes won on loss per second (see the README)
+            refresh_method = "qr" if eigenvalue_correction else "eigh"
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, epsilon=epsilon,
             relative_epsilon=relative_epsilon, weight_decay=weight_decay,
@@ -186,6 +216,7 @@ class Shampoo(SecondOrderOptimizer):
             eigenvalue_correction=eigenvalue_correction,
             inverse_exponent_override=inverse_exponent_override, precondition_1d=precondition_1d,
             use_bias_correction=use_bias_correction, factor_dtype=factor_dtype,
+            refresh_method=refresh_method, packed_factors=packed_factors,
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
@@ -194,8 +225,12 @@ class Shampoo(SecondOrderOptimizer):
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
         self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
+        self._skips_reported: dict[int, int] = {}  # id(block state) → skips already warned about
 
     _meaning_keys = ("eigenvalue_correction",)  # SOAP state is not Shampoo state
+    # Reading a CPU tensor waits for no device, so on CPU a skipped block is warned about at
+    # once; on accelerators at the next refresh step (False: the accelerator's behaviour).
+    _warn_at_once_on_cpu = True
     _runtime_attributes = ("distributor",)
 
     def _rebuild_runtime(self) -> None:
@@ -214,13 +249,24 @@ class Shampoo(SecondOrderOptimizer):
         if group["nesterov"] and group["momentum"] == 0:
             raise ValueError("Invalid nesterov: Nesterov momentum needs momentum > 0")
         check_int("precondition_frequency", group["precondition_frequency"], low=1)
-        check_int("start_preconditioning_step", group["start_preconditioning_step"], low=1, allow_inf=True)
+        soap = group["eigenvalue_correction"]
+        start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
+        check_int("start_preconditioning_step", start, low=1, allow_inf=True)
+        # Root mode: distributed_shampoo's rule (a start before f would take roots of factors
+        # built from fewer than f gradients). SOAP mode: any start >= 1, bases from step 1
+        # being its default (see start_preconditioning_step in the class docstring).
+        if not soap and start < frequency:
+            raise ValueError(f"Invalid start_preconditioning_step: {start} (root mode needs "
+                             f">= precondition_frequency = {frequency}, as distributed_shampoo)")
         check_int("max_preconditioner_dim", group["max_preconditioner_dim"], low=1, allow_inf=True)
         check_choice("grafting", group["grafting"], GRAFTING_KINDS)
         check_real("graft_beta2", group["graft_beta2"], low=0.0, high=1.0)
         check_real("graft_epsilon", group["graft_epsilon"], low=0.0, low_inclusive=False)
         check_choice("factor_dtype", group["factor_dtype"], _FACTOR_DTYPES)
-        _check_exponent_override(group["inverse_exponent_override"])
+        check_choice("refresh_method", group["refresh_method"], ("eigh", "qr") if soap else ("eigh", "newton"))
+        _check_exponent_override(group["inverse_exponent_override"], soap)
+        if not isinstance(group["packed_factors"], bool):
+            raise TypeError(f"Invalid packed_factors: {group['packed_factors']!r} (expected a bool)")
 
     def _check_param_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
         """Saved blocks must be this parameter's blocks (count and shapes)."""
@@ -258,13 +304,16 @@ class Shampoo(SecondOrderOptimizer):
         if param.dim() <= 1 and not group["precondition_1d"]:
             return None
         exponents = _exponents(len(block_shape), group["inverse_exponent_override"], group["eigenvalue_correction"])
-        if not any(e > 0 for e in exponents):
-            return None
+        # All exponents 0 leaves a strategy without factors: the identity direction (root mode)
+        # or Adam in the identity basis (SOAP mode), as in distributed_shampoo.
+        correction_exponent = _soap_exponent(exponents) if group["eigenvalue_correction"] else 0.5
         return KroneckerFactors(
             exponents, beta2=group["betas"][1], epsilon=group["epsilon"],
+            correction_exponent=correction_exponent,
             relative_epsilon=group["relative_epsilon"],
             eigenvalue_corrected=group["eigenvalue_correction"], factor_dtype=group["factor_dtype"],
-            use_bias_correction=group["use_bias_correction"],
+            use_bias_correction=group["use_bias_correction"], refresh_method=group["refresh_method"],
+            packed=group.get("packed_factors", False),
         )
 
     def _ownership(self) -> list[int]:
@@ -348,8 +397,10 @@ class Shampoo(SecondOrderOptimizer):
         if key not in state:
             state_dtype = torch.float32 if block.dtype in (torch.bfloat16, torch.float16) else block.dtype
             zeros = lambda: torch.zeros(block.shape, dtype=state_dtype, device=block.device)  # noqa: E731
-            block_state = strategy.init_state(block) if strategy is not None else {}
-            block_state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+            block_state = strategy.init_state(block) if strategy is not None else {
+                "failed": torch.zeros((), dtype=torch.int64)}
+            # On the block's device: updated by masks, read back only at refresh steps.
+            block_state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=block.device)
             if group["betas"][0] > 0:
                 block_state["exp_avg"] = zeros()
             kind = self._diagonal_kind(group)
@@ -379,26 +430,34 @@ class Shampoo(SecondOrderOptimizer):
         blocks = self._prepare_blocks(group, jobs)
         if not blocks:
             return []
-        global_blocks, strategies, states, steps, grads = (list(column) for column in zip(*blocks))
-        for strategy, state, step, grad in zip(strategies, states, steps, grads):
+        global_blocks, strategies, states, steps, grads, weights, keeps = (list(column) for column in zip(*blocks))
+        keep = torch.stack(keeps)  # False: non-finite gradient, every update below is masked out
+        for strategy, state, step, grad, kept in zip(strategies, states, steps, grads, keeps):
             if strategy is not None:
-                strategy.update_stats(state, grad, step)
+                strategy.update_stats(state, grad, step, keep=kept)
         if needs_second_moment(kind):
-            update_second_moments(kind, [state["graft_sq"] for state in states], grads, graft_beta2)
+            update_second_moments(kind, [state["graft_sq"] for state in states], grads, graft_beta2, keep=keep)
         # Amortised roots, batched across the blocks whose schedule fires at this step.
         due: dict[int, list] = {}
-        for strategy, state, step in zip(strategies, states, steps):
+        for index, (strategy, step) in enumerate(zip(strategies, steps)):
             if strategy is not None and (step == start or (step > start and step % frequency == 0)):
-                due.setdefault(step, []).append((strategy, state))
-        for step, items in due.items():
-            compute_inverses(items, step)
-        for strategy, state, grad in zip(strategies, states, grads):
+                due.setdefault(step, []).append(index)
+        if due:  # refreshes synchronise anyway: skipped blocks keep their roots, skips are reported
+            kept_now = keep.tolist()
+            self._warn_skipped(states)
+        elif keep.device.type == "cpu" and self._warn_at_once_on_cpu:  # no device to wait for: warn now
+            self._warn_skipped(states)
+        for step, indices in due.items():
+            items = [(strategies[i], states[i]) for i in indices if kept_now[i]]
+            compute_inverses(items, step, initial=step == start)
+        for strategy, state, grad, kept in zip(strategies, states, grads, keeps):
             if strategy is not None and strategy.eigenvalue_corrected:
-                strategy.update_correction(state, grad)
+                strategy.update_correction(state, grad, keep=kept)
         filtered = grads
         if beta1 > 0:
             averages = [state["exp_avg"] for state in states]
-            torch._foreach_lerp_(averages, grads, 1 - beta1)
+            weights_beta1 = keep_where(keep, 1 - beta1, 0.0, averages[0].dtype)
+            torch._foreach_lerp_(averages, grads, list(weights_beta1.unbind()))
             corrections = [bias_correction(beta1, step) if group["use_bias_correction"] else 1.0 for step in steps]
             filtered = torch._foreach_div(averages, corrections)
         needs_graft = [strategy is None or group["grafting"] != "none" or step < start
@@ -411,37 +470,58 @@ class Shampoo(SecondOrderOptimizer):
         graft_of = dict(zip(graft_indices, grafts))
         directions = [self._direction(group, strategies[i], states[i], steps[i], filtered[i], graft_of.get(i), start)
                       for i in range(len(blocks))]
+        if group["weight_decay_type"] == "decoupled_before_momentum" and group["weight_decay"] != 0:
+            decayed = [weight.to(direction.dtype) for weight, direction in zip(weights, directions)]
+            torch._foreach_add_(directions, decayed, alpha=group["weight_decay"])
+        masks = list(keep.to(directions[0].dtype).unbind())
+        torch._foreach_mul_(directions, masks)  # a skipped block moves by nothing
         if group["momentum"] > 0:
             buffers = [state["momentum_buffer"] for state in states]
-            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_mul_(buffers, list(keep_where(keep, group["momentum"], 1.0, buffers[0].dtype).unbind()))
             torch._foreach_add_(buffers, directions, alpha=1 - group["dampening"])
             if group["nesterov"]:
                 torch._foreach_mul_(directions, 1 - group["dampening"])
                 torch._foreach_add_(directions, buffers, alpha=group["momentum"])
             else:
                 directions = [buffer.clone() for buffer in buffers]
+            torch._foreach_mul_(directions, masks)
         return list(zip(global_blocks, directions))
 
-    def _prepare_blocks(self, group: dict[str, Any], jobs: list) -> list[tuple]:
-        """State, work-dtype gradient (+ L2 decay) of each job; non-finite blocks skipped.
+    def _warn_skipped(self, states: list[dict[str, Any]]) -> None:
+        """Warn once per cause (one host read) if blocks were skipped since the last check."""
+        counts = torch.stack([state["nonfinite_skips"] for state in states]).tolist()
+        new = 0
+        for state, count in zip(states, counts):
+            new += count - self._skips_reported.get(id(state), 0)
+            self._skips_reported[id(state)] = count
+        if new > 0:
+            self._warn_once("skipped a block whose gradient is not finite")
 
-        Returns ``(global_block, strategy, state, step, grad)`` per block that takes part.
+    def _prepare_blocks(self, group: dict[str, Any], jobs: list) -> list[tuple]:
+        """State, work-dtype gradient (+ L2 decay) of each job, screened without a host sync.
+
+        A block whose gradient is not finite gets zeros in its place and ``keep = False``:
+        every state update masks it out (torch.where-style, so nothing is read back to the
+        host), its direction is zero and ``nonfinite_skips`` counts it; the warning comes at once
+        on CPU and at the next refresh on accelerators (which synchronises anyway). Returns
+        ``(global_block, strategy, state, step, grad, weight, keep)`` per job.
         """
         if not jobs:
             return []
-        finite = self._finite_units([[job[4]] for job in jobs])
-        prepared = []
-        for (global_block, param, key, step, grad, weight), is_finite in zip(jobs, finite):
-            strategy = self._strategy(tuple(grad.shape), param, group)
-            state = self._block_state(param, key, weight, group, strategy)
-            if not is_finite:
-                self._skip_unit(state, "skipped a block whose gradient is not finite")
-                continue
+        work = []
+        for *_, grad, weight in jobs:
             work_dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
             grad = grad.to(work_dtype)
             if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
                 grad = grad.add(weight.to(work_dtype), alpha=group["weight_decay"])
-            prepared.append((global_block, strategy, state, step, grad))
+            work.append(grad)
+        cleaned, keep = finite_or_zero(work)
+        prepared = []
+        for (global_block, param, key, step, grad, weight), clean, kept in zip(jobs, cleaned, keep.unbind()):
+            strategy = self._strategy(tuple(grad.shape), param, group)
+            state = self._block_state(param, key, weight, group, strategy)
+            state["nonfinite_skips"].add_(~kept)
+            prepared.append((global_block, strategy, state, step, clean, weight, kept))
         return prepared
 
     @staticmethod
@@ -490,7 +570,16 @@ def _exponents(order: int, override: dict[int, Any] | None, eigenvalue_corrected
     return exponents
 
 
-def _check_exponent_override(override: Any) -> None:
+def _soap_exponent(exponents: list[float]) -> float:
+    """SOAP mode: the one positive exponent of a block's dims (the power of ``Λ/c₂``), ½ if none."""
+    positive = {e for e in exponents if e > 0}
+    if len(positive) > 1:
+        raise ValueError(f"Invalid inverse_exponent_override: SOAP mode takes one exponent of Λ per order "
+                         f"(0 on a dim skips its basis), got {sorted(positive)}")
+    return positive.pop() if positive else 0.5
+
+
+def _check_exponent_override(override: Any, eigenvalue_correction: bool = False) -> None:
     if override is None:
         return
     if not isinstance(override, dict):
@@ -500,3 +589,11 @@ def _check_exponent_override(override: Any) -> None:
         values = value.values() if isinstance(value, dict) else [value]
         for exponent in values:
             check_real("inverse_exponent_override exponent", exponent, low=0.0)
+        if isinstance(value, dict):
+            for dim in value:
+                check_int("inverse_exponent_override dim", dim, low=0)
+                if dim >= order:
+                    raise ValueError(f"Invalid inverse_exponent_override dim: {dim} (an order-{order} block "
+                                     f"has dims 0..{order - 1})")
+        if eigenvalue_correction:
+            _soap_exponent(list(values))

@@ -96,7 +96,7 @@ class SINGD(CapturingOptimizer):
         weight_decay: γ, added to the *preconditioned* gradient before momentum (singd's
             convention, not AdamW's).
         T: update interval: statistics are recorded and ``K``, ``C`` updated on steps
-            ``0, T, 2T, …``.
+            ``0, T, 2T, …`` (``stats_every``, the other layer optimizers' name, sets it too).
         lr_cov: β₁, the factor step size (a float in param_groups; schedule it by writing
             ``group["lr_cov"]``).
         structures: ``(structure of K, structure of C)`` or one name for both; see
@@ -152,6 +152,7 @@ class SINGD(CapturingOptimizer):
         model: nn.Module | None = None,
         alpha1: float | None = None,
         T: int = 10,
+        stats_every: int | None = None,
         lr_cov: float = 1e-2,
         structures: tuple[str, str] | str = ("dense", "dense"),
         kfac_like: bool = False,
@@ -173,6 +174,7 @@ class SINGD(CapturingOptimizer):
     ) -> None:
         params, model = split_model_argument(params, model, lr)
         self.loss_average = check_choice("loss_average", loss_average, _LOSS_AVERAGES)
+        T = T if stats_every is None else stats_every  # the suite's common name
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             weight_decay_type=weight_decay_type, T=T, lr_cov=lr_cov, structures=structures,

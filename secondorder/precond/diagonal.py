@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from secondorder.precond.linalg import keep_where
+
 DIAGONAL_KINDS = ("sgd", "adagrad", "rmsprop", "adam")
 
 
@@ -72,18 +74,27 @@ def diagonal_direction(
     return grad / denominator.add_(epsilon)
 
 
-def update_second_moments(kind: str, second_moments: list[Tensor], grads: list[Tensor], beta2: float) -> None:
+def update_second_moments(
+    kind: str, second_moments: list[Tensor], grads: list[Tensor], beta2: float, keep: Tensor | None = None
+) -> None:
     """:func:`update_second_moment` for many blocks at once (``torch._foreach_*`` kernels).
 
     Same arithmetic as the single-tensor form, so results are bit-identical to it.
+    ``keep`` (optional bool tensor ``(len(grads),)``, from
+    :func:`~secondorder.precond.linalg.finite_or_zero`): where False that ``V`` is left exactly
+    as it is, with no host synchronisation (the grad must then be zeros).
     """
     if not second_moments or kind == "sgd":
         return
     if kind == "adagrad":
-        torch._foreach_addcmul_(second_moments, grads, grads)
-    else:
+        torch._foreach_addcmul_(second_moments, grads, grads)  # a zero grad adds nothing
+        return
+    if keep is None:
         torch._foreach_mul_(second_moments, beta2)
-        torch._foreach_addcmul_(second_moments, grads, grads, value=1 - beta2)
+    else:
+        decays = keep_where(keep, beta2, 1.0, second_moments[0].dtype)
+        torch._foreach_mul_(second_moments, list(decays.unbind()))
+    torch._foreach_addcmul_(second_moments, grads, grads, value=1 - beta2)
 
 
 def diagonal_directions(

@@ -64,7 +64,11 @@ def _child(
 
 
 def run_forked(
-    fn: Callable[..., Any], world_size: int = 2, args: tuple = (), timeout: float = 90.0
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    args: tuple = (),
+    timeout: float = 90.0,
+    grace: float = 10.0,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked gloo ranks.
 
@@ -74,6 +78,8 @@ def run_forked(
         world_size: number of ranks (≥ 1).
         args: extra positional arguments for ``fn`` (inherited by fork, never pickled).
         timeout: seconds to wait for all ranks before killing them.
+        grace: seconds the surviving ranks get, once one rank died or raised, before they
+            are killed (fault-injection tests shorten it).
 
     Returns:
         ``fn``'s return value of every rank, indexed by rank.
@@ -114,7 +120,7 @@ def run_forked(
                         errors or any(c.exitcode not in (None, 0) for c in children)
                     ):
                         died_at = time.monotonic()
-                    if died_at is not None and time.monotonic() - died_at > 10.0:
+                    if died_at is not None and time.monotonic() - died_at > grace:
                         break
                     continue
                 if error is not None:

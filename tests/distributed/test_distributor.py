@@ -31,6 +31,17 @@ def test_assignment_is_deterministic_and_balanced():
     assert max(loads) <= sum(costs) / 4 + max(costs)
 
 
+def test_sizes_balance_state_bytes_as_well_as_cost():
+    costs, sizes = [10, 5, 5, 0.1], [10, 0, 0, 10]
+    # Cost alone puts both big-state blocks on rank 0 (all state there, none on rank 1).
+    assert assign_owners(costs, 2) == [0, 1, 1, 0]
+    # Both criteria: rank 0 holds 49.5% of the cost and 50% of the state.
+    assert assign_owners(costs, 2, sizes) == [0, 1, 1, 1]
+    assert Distributor().assign(costs, sizes) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="Invalid sizes"):
+        assign_owners(costs, 2, sizes[:2])
+
+
 def test_more_ranks_than_blocks_leaves_ranks_empty():
     assert assign_owners([5, 2], 4) == [0, 1]
     assert assign_owners([], 3) == []

@@ -95,7 +95,7 @@ def test_two_ranks_equal_one_process_bitwise():
 
 def _sharded_data_body(rank: int, world_size: int) -> tuple[list[float], list[torch.Tensor]]:
     model = wrap_ddp(make_model(dtype=torch.float64))
-    # distributor=True: the default group, fp32 communication of float64 updates.
+    # distributor=True: the default group, float64 updates communicated in float64 (exact).
     optimizer = _shampoo(model.module, "classic", distributor=True, factor_dtype=torch.float64)
     assert isinstance(optimizer.distributor, AllGatherDistributor)
     return train(
@@ -104,7 +104,7 @@ def _sharded_data_body(rank: int, world_size: int) -> tuple[list[float], list[to
 
 
 def test_two_ranks_on_sharded_batches_match_the_full_batch():
-    """Each rank sees half of every batch: fp32 communication keeps the run within 1e-6."""
+    """Each rank sees half of every batch: only the gradient's summation order differs."""
     ref_losses, ref_params, _, _ = _single("classic", torch.float64, factor_dtype=torch.float64)
     for losses, params in run_forked(_sharded_data_body, 2):
         torch.testing.assert_close(

@@ -220,7 +220,7 @@ def test_eigenvalue_corrected_direction_is_adam_in_eigenbasis():
     # the basis, and so the accumulated Λ, arbitrary); Q = I before.
     optimizer = Shampoo([weight], lr=1.0, betas=(0.0, 0.9), epsilon=1e-8, eigenvalue_correction=True,
                         precondition_frequency=1, start_preconditioning_step=3, max_preconditioner_dim=4,
-                        factor_dtype=torch.float64)
+                        factor_dtype=torch.float64, refresh_method="eigh")
     grads = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
     left = torch.zeros(4, 4, dtype=torch.float64)
     right = torch.zeros(3, 3, dtype=torch.float64)
@@ -250,9 +250,9 @@ def test_schedule_of_amortised_steps(monkeypatch):
     calls = []
     real = kronecker.compute_inverses
 
-    def spy(items, step):
+    def spy(items, step, **options):
         calls.append(step)
-        return real(items, step)
+        return real(items, step, **options)
 
     monkeypatch.setattr("secondorder.optimizers.shampoo.compute_inverses", spy)
     train(lambda p: Shampoo(p, precondition_frequency=10, start_preconditioning_step=15), steps=41)
