@@ -61,6 +61,7 @@ class CapturingOptimizer(SecondOrderOptimizer):
     """
 
     capture_kinds: tuple[str, ...] = ("linear", "conv2d", "embedding")
+    capture_transposed_ties = True  # model an embedding tied to a head through both uses
     momentum_rule = "ema"
     _runtime_attributes = ("capture", "distributor", "_ownership")
 
@@ -106,7 +107,7 @@ class CapturingOptimizer(SecondOrderOptimizer):
             self.capture.remove()
         params = [p for group in self.param_groups for p in group["params"]]
         self.capture = LayerCapture(self._model, params, loss_reduction=self._loss_reduction,
-                                    kinds=self.capture_kinds)
+                                    kinds=self.capture_kinds, transposed_ties=self.capture_transposed_ties)
         self._refresh_recording()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -138,6 +138,9 @@ class SINGD(CapturingOptimizer):
     """
 
     capture_kinds = DENSE_KINDS
+    # A head tied to the input embedding keeps its own use's statistics only (warned): the
+    # embedding use's one-hot rows make the inverse-free factor updates diverge (tied Llama).
+    capture_transposed_ties = False
     momentum_rule = "heavy_ball"
     weight_decay_types = ("direction", "decoupled", "l2")
 

@@ -258,6 +258,10 @@ class LayerCapture:
         kinds: which layer kinds to track, registered kind names
             (:func:`~secondorder.precond.capture_layers.registered_kinds`); default
             :data:`KRONECKER_KINDS` (dense kinds and embedding).
+        transposed_ties: model the input-embedding use of a weight tied to a linear head in
+            the head's statistics (default). ``False`` keeps the head's own use only (a
+            warning names the weight), for algorithms whose factor updates cannot take the
+            one-hot rows of that use (SINGD's inverse-free updates diverge on them).
 
     Attributes:
         layers: the tracked :class:`CapturedLayer` objects, in ``model.named_modules()`` order.
@@ -271,6 +275,7 @@ class LayerCapture:
         *,
         loss_reduction: str = "mean",
         kinds: Iterable[str] = KRONECKER_KINDS,
+        transposed_ties: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
@@ -286,7 +291,8 @@ class LayerCapture:
                 )
         self.loss_reduction = loss_reduction
         _make_compile_see_hooks()
-        plan = CapturePlan(model, list(model.parameters()) if params is None else params, kinds)
+        plan = CapturePlan(model, list(model.parameters()) if params is None else params, kinds,
+                           transposed_ties=transposed_ties)
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=2)
         self._plan = plan

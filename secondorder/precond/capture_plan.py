@@ -64,8 +64,10 @@ class CapturePlan:
         warnings: messages for weights with uses that could not be modelled.
     """
 
-    def __init__(self, model: nn.Module, params: Iterable[Tensor], kinds: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, params: Iterable[Tensor], kinds: tuple[str, ...],
+                 transposed_ties: bool = True) -> None:
         params = list(params)
+        self.transposed_ties = transposed_ties  # False: an embedding use of a head is not modelled
         param_ids = {id(p) for p in params}
         self.kinds = kinds
         self.names: dict[int, list[str]] = {}
@@ -157,7 +159,7 @@ class CapturePlan:
             if use.kind == owner.kind and use.slot == owner.slot:
                 value = 1.0 if use.bias is not None and use.bias is owner.bias else 0.0
                 layer_uses.append(TiedUse(use, "same", value))
-            elif owner.kind == "linear" and use.kind == "embedding":
+            elif owner.kind == "linear" and use.kind == "embedding" and self.transposed_ties:
                 layer_uses.append(TiedUse(use, "transposed", 0.0))
             else:
                 dropped.append(use)

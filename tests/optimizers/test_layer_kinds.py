@@ -47,7 +47,11 @@ def test_tracks_and_trains(name):
     capture = getattr(optimizer, "capture", None) or optimizer._capture
     assert {layer.kind for layer in capture.layers} == kinds
     tied = capture.layer_for(model.embed.weight)
-    assert tied.name == "head" and "all uses" in capture.describe()["embed.weight"]["reason"]
+    reason = capture.describe()["embed.weight"]["reason"]
+    if name == "SINGD":  # its factor updates diverge on the embedding use's rows: head's use only
+        assert tied.name == "head" and "not modelled: 'embed'" in reason
+    else:
+        assert tied.name == "head" and "all uses" in reason
     idx = torch.randint(0, 17, (6, 5))
     losses = []
     for _ in range(15):
