@@ -19,11 +19,24 @@ Units: raw scores are ``N ×`` the predicted change; :meth:`InfluenceScores.norm
 Modules: :mod:`~secondorder.influence.task` (the task protocol),
 :mod:`~secondorder.influence.factors` (fitting stages and storage),
 :mod:`~secondorder.influence.scores` (queries), :mod:`~secondorder.influence.statistics` (maths),
+:mod:`~secondorder.influence.contraction` (the scoring inner loop),
+:mod:`~secondorder.influence.exact` (dense curvature solves for small models: the reference),
+:mod:`~secondorder.influence.evaluation` (LDS and leave-one-out against retraining),
 :mod:`~secondorder.influence.sharding` (how fitting and scoring split their work over
 ``torch.distributed`` ranks: data shards, one owner rank per layer for the eigendecomposition,
 through the suite's distributor; ``distributor=`` as for the optimizers).
 """
 
+from secondorder.influence.evaluation import (
+    LDSResult,
+    LeaveOneOutResult,
+    evaluate_lds,
+    evaluate_leave_one_out,
+    leave_one_out_correlation,
+    linear_datamodeling_score,
+    subset_masks,
+)
+from secondorder.influence.exact import CURVATURES, exact_curvature, exact_scores
 from secondorder.influence.factors import InfluenceFactors, fit_factors, load_factors
 from secondorder.influence.scores import (
     InfluenceScores,
@@ -42,7 +55,17 @@ from secondorder.influence.task import (
 )
 
 __all__ = [
+    "CURVATURES",
+    "LDSResult",
+    "LeaveOneOutResult",
     "STRATEGIES",
+    "evaluate_lds",
+    "evaluate_leave_one_out",
+    "exact_curvature",
+    "exact_scores",
+    "leave_one_out_correlation",
+    "linear_datamodeling_score",
+    "subset_masks",
     "ClassificationTask",
     "InfluenceFactors",
     "InfluenceScores",
