@@ -11,8 +11,12 @@ approximation ``G`` of the Gauss-Newton matrix. Typical use::
     result = influence.compute_pairwise_scores(model, task, factors, query_set, train_set)
     best = result.top_k(10)          # most helpful / most harmful training examples per query
 
-Factors that ``secondorder.EKFAC`` accumulated while training can be used directly:
-``influence.InfluenceFactors.from_optimizer(optimizer)``.
+Factors that ``secondorder.EKFAC`` accumulated while training can be reused:
+``influence.InfluenceFactors.from_optimizer(optimizer)`` takes them as they are (running
+averages over the last steps' parameters); ``refresh="factors"`` (with ``model``, ``task`` and
+a data ``loader``) recomputes them at the final parameters in one pass, equal to a fresh fit,
+and ``refresh="correction"`` only the EK-FAC correction in the optimizer's eigenbases
+(:mod:`~secondorder.influence.refresh`).
 
 Sign: with a loss measurement, positive = helpful (removing the example raises the query loss).
 Units: raw scores are ``N ×`` the predicted change; :meth:`InfluenceScores.normalized` divides.
@@ -38,6 +42,7 @@ from secondorder.influence.evaluation import (
 )
 from secondorder.influence.exact import CURVATURES, exact_curvature, exact_scores
 from secondorder.influence.factors import InfluenceFactors, fit_factors, load_factors
+from secondorder.influence.refresh import REFRESH_MODES, refresh_factors
 from secondorder.influence.scores import (
     InfluenceScores,
     TopK,
@@ -58,6 +63,7 @@ __all__ = [
     "CURVATURES",
     "LDSResult",
     "LeaveOneOutResult",
+    "REFRESH_MODES",
     "STRATEGIES",
     "evaluate_lds",
     "evaluate_leave_one_out",
@@ -79,5 +85,6 @@ __all__ = [
     "load_factors",
     "low_rank_factors",
     "preconditioned_query_gradients",
+    "refresh_factors",
     "sample_labels",
 ]

@@ -126,7 +126,16 @@ class InfluenceFactors:
         return result
 
     @classmethod
-    def from_optimizer(cls, optimizer: Any, strategy: str = "ekfac") -> InfluenceFactors:
+    def from_optimizer(
+        cls,
+        optimizer: Any,
+        strategy: str = "ekfac",
+        *,
+        refresh: str | None = None,
+        model: nn.Module | None = None,
+        task: InfluenceTask | None = None,
+        loader: Any = None,
+    ) -> InfluenceFactors:
         """Reuse the statistics ``secondorder.EKFAC`` accumulated during training.
 
         The optimizer keeps, per tracked layer, the (running-average) K-FAC factors, their
@@ -140,10 +149,22 @@ class InfluenceFactors:
                 with a ``capture`` of layers and per-weight ``state`` in that layout).
             strategy: ``ekfac`` (the corrected eigenvalues) or ``kfac`` (``λ_S λ_Aᵀ``).
 
+            refresh: ``None`` (reuse as is), ``"correction"`` or ``"factors"``: recompute the
+                EK-FAC correction (one pass over ``loader``), or the factors and the correction,
+                at ``model``'s current parameters with ``task``
+                (:func:`secondorder.influence.refresh.refresh_factors`, both one pass).
+                The optimizer's running averages lag behind the final parameters:
+                ``"factors"`` equals a fresh fit on the loader's data; ``"correction"``
+                keeps the optimizer's eigenbases, so it is exact only when they are
+                current (measured figures in that module).
+            model, task, loader: needed with ``refresh``.
+
         Raises:
             ValueError: a tracked layer has no eigenbasis yet.
         """
         check_choice("strategy", strategy, ("kfac", "ekfac"))
+        if refresh is not None and (model is None or task is None or loader is None):
+            raise ValueError("Invalid refresh: it needs model, task and loader")
         capture = getattr(optimizer, "capture", None)
         if capture is None or not hasattr(optimizer, "state"):
             raise TypeError(
@@ -174,7 +195,12 @@ class InfluenceFactors:
             layers[layer.name] = {
                 key: value.detach().clone().cpu() for key, value in tensors.items()
             }
-        return cls(strategy, layers, {"source": type(optimizer).__name__})
+        reused = cls(strategy, layers, {"source": type(optimizer).__name__})
+        if refresh is None:
+            return reused
+        from secondorder.influence.refresh import refresh_factors  # imports this module
+
+        return refresh_factors(reused, model, task, loader, recompute=refresh)
 
 
 def _flatten(layers: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
