@@ -26,6 +26,7 @@ Modules: :mod:`~secondorder.influence.task` (the task protocol),
 :mod:`~secondorder.influence.contraction` (the scoring inner loop),
 :mod:`~secondorder.influence.exact` (dense curvature solves for small models: the reference),
 :mod:`~secondorder.influence.evaluation` (LDS and leave-one-out against retraining),
+:mod:`~secondorder.influence.streaming` (large training sets: chunks on disk, resume),
 :mod:`~secondorder.influence.sharding` (how fitting and scoring split their work over
 ``torch.distributed`` ranks: data shards, one owner rank per layer for the eigendecomposition,
 through the suite's distributor; ``distributor=`` as for the optimizers).
@@ -51,6 +52,7 @@ from secondorder.influence.scores import (
     low_rank_factors,
     preconditioned_query_gradients,
 )
+from secondorder.influence.streaming import load_streamed_scores, stream_pairwise_scores
 from secondorder.influence.statistics import STRATEGIES, LayerPreconditioner
 from secondorder.influence.task import (
     ClassificationTask,
@@ -71,6 +73,8 @@ __all__ = [
     "exact_scores",
     "leave_one_out_correlation",
     "linear_datamodeling_score",
+    "load_streamed_scores",
+    "stream_pairwise_scores",
     "subset_masks",
     "ClassificationTask",
     "InfluenceFactors",

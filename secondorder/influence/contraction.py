@@ -24,9 +24,12 @@ query that dominate scoring for wide layers. The scores are the same up to round
 
 Pairwise scores contract the materialised per-example gradients of one training batch
 (``(N, groups·d_out·d_in')``, one matmul with all queries); per-token scores contract rows,
-``Σ_t g_tᵀ P_q ā_t``. With ``rank`` the query matrices are replaced by a rank-``k`` SVD
-``L Rᵀ`` (in the basis the pass uses) and the training side is contracted through the factors
-without forming any ``d_out × d_in'`` matrix.
+``Σ_t g_tᵀ P_q ā_t``. With ``rank`` the query matrices are kept as a rank-``k`` SVD ``L Rᵀ`` (in the basis the pass
+uses; memory ``k·(d_out + d_in')`` per query instead of ``d_out·d_in'``). Per training batch
+the cheaper of two contractions is taken: through the factors and the rows
+(``N·T·k·(d_out + d_in')`` per query, no ``d_out × d_in'`` matrix: single-position layers) or
+by decompressing the batch's queries and one dense product (``d_out·d_in'·(k + N)`` per
+query: layers with many positions, such as a language model's).
 """
 
 from __future__ import annotations
@@ -145,6 +148,17 @@ class PreparedQuery:
     def _project(self, matrices: Tensor) -> Tensor:
         return self.gradient_basis.transpose(-1, -2) @ matrices @ self.activation_basis
 
+    def _low_rank_rows_cheaper(
+        self, examples: int, positions: int, d_out: int, d_in: int
+    ) -> bool:
+        """Contract the rank-``k`` factors with the rows (``N·T·k·(d_out + d_in')`` per query)
+        rather than decompress the queries and take the dense product
+        (``d_out·d_in'·(k + N)`` per query, plus forming the ``N`` gradients)."""
+        rank = self.left.shape[-1] if self.left is not None else self.rank
+        rows = examples * positions * rank * (d_out + d_in)
+        dense = d_out * d_in * (rank + examples)
+        return rows <= dense
+
     def _finish(self, matrices: Tensor) -> None:
         if self.rank is None:
             self.full = matrices
@@ -158,7 +172,7 @@ class PreparedQuery:
         queries = self.matrices.shape[0]
         rotate_rows = positions * (d_out * d_out + d_in * d_in)
         rotate_matrix = d_out * d_in * (d_out + d_in)
-        if per_token or self.rank is not None:
+        if per_token:
             train_side = rotate_rows  # rows are contracted directly
         else:
             train_side = min(rotate_rows, rotate_matrix)
@@ -179,7 +193,9 @@ class PreparedQuery:
         d_in = a.shape[-1]
         if self.eigen is None:
             self._choose(positions, d_out, d_in, per_token)
-        contract_rows = per_token or self.rank is not None
+        contract_rows = per_token or (
+            self.rank is not None and self._low_rank_rows_cheaper(len(g), positions, d_out, d_in)
+        )
         if self.eigen and (contract_rows or self._rows_first(positions, d_out, d_in)):
             a, g = _rotate(a, self.activation_basis), _rotate(g, self.gradient_basis)
             gradients = None if contract_rows else _outer_sum(g, a)
@@ -187,6 +203,10 @@ class PreparedQuery:
             gradients = self._project(per_example_gradients(rows))
         else:
             gradients = None if contract_rows else per_example_gradients(rows)
+        if self.full is None and not contract_rows:
+            # decompress this batch's queries: Q·d_out·d_in'·k, amortised over the batch
+            full = self.left @ self.right.transpose(-1, -2)
+            return full.flatten(1) @ gradients.flatten(1).transpose(0, 1), None
         if self.full is not None:
             if per_token:
                 tokens = torch.einsum("qgoi,ntgi,ntgo->qnt", self.full, a, g)

@@ -57,8 +57,12 @@ def test_both_bases_equal_dense_preconditioned_dot_products(strategy, eigen, row
                 torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
                 if per_token:
                     torch.testing.assert_close(tokens.sum(-1), expected, rtol=1e-10, atol=1e-12)
-            low = PreparedQuery(preconditioners[name], rows, num_train=10, rank=10_000)
-            torch.testing.assert_close(low.scores(trained[name], False)[0], expected)
+            for rows_cheaper in (False, True):
+                monkeypatch.setattr(
+                    PreparedQuery, "_low_rank_rows_cheaper", lambda *_, c=rows_cheaper: c
+                )
+                low = PreparedQuery(preconditioners[name], rows, num_train=10, rank=10_000)
+                torch.testing.assert_close(low.scores(trained[name], False)[0], expected)
 
 
 def _force(prepared: PreparedQuery, eigen: bool) -> None:
