@@ -1,7 +1,7 @@
 """Influence quality on scikit-learn data: LDS (two retraining seeds) and leave-one-out.
 
     python -m benchmarks.influence_quality [--datasets breast_cancer digits] [--lds M]
-        [--loo N] [--kronfluence] [--out FILE]
+        [--loo N] [--kronfluence] [--sweep] [--out FILE]
 
 Set-up (reference/influence.md §6): standardised features, an MLP ``d→32→32→C`` with tanh and
 biases in float64, trained by full-batch L-BFGS on ``mean CE + ½·wd·‖θ‖²`` with ``wd = 1e-2``
@@ -124,7 +124,7 @@ def query_losses(model, query) -> torch.Tensor:
         return F.cross_entropy(model(query[0]), query[1], reduction="none")
 
 
-def ours(model, train, query, strategy: str, fisher: str, seed: int = 0):
+def ours(model, train, query, strategy: str, fisher: str, seed: int = 0, damping=WD):
     """``(scores (Q, N), fit seconds, score seconds)`` from ``secondorder.influence``."""
     task = influence.ClassificationTask()
     train_set, query_set = TensorDataset(*train), TensorDataset(*query)
@@ -135,17 +135,17 @@ def ours(model, train, query, strategy: str, fisher: str, seed: int = 0):
     )
     fitted = time.perf_counter()
     scores = influence.compute_pairwise_scores(
-        model, task, factors, query_set, train_set, damping=WD, query_batch_size=200,
+        model, task, factors, query_set, train_set, damping=damping, query_batch_size=200,
         train_batch_size=200, progress=False,
     ).scores
     return scores, fitted - start, time.perf_counter() - fitted
 
 
-def exact(model, train, query, curvature: str, block_diagonal: bool):
+def exact(model, train, query, curvature: str, block_diagonal: bool, damping: float = WD):
     start = time.perf_counter()
     scores = influence.exact_scores(
         model, influence.ClassificationTask(), TensorDataset(*query), TensorDataset(*train),
-        damping=WD, curvature=curvature, block_diagonal=block_diagonal,
+        damping=damping, curvature=curvature, block_diagonal=block_diagonal,
     ).scores
     return scores, time.perf_counter() - start, 0.0
 
@@ -236,7 +236,31 @@ def all_scores(model, train_data, query, with_kronfluence: bool) -> tuple[dict, 
     return scores, timings
 
 
-def run_dataset(dataset: str, n_lds: int, n_loo: int, with_kronfluence: bool) -> dict:
+def damping_sweep(model, train_data, query, truth) -> dict:
+    """LDS of the per-layer methods as the damping grows (the EK-FAC vs K-FAC question)."""
+    print("damping sweep (LDS, mean of the two seeds):")
+    print("| method | " + " | ".join(f"λ={d:g}" for d in SWEEP) + " |")
+    print("|---" * (len(SWEEP) + 1) + "|")
+    table = {}
+    problem = (model, train_data, query)
+    for name, make in (
+        ("kfac, sampled Fisher", lambda d: ours(*problem, "kfac", "sampled", damping=d)),
+        ("ekfac, sampled Fisher", lambda d: ours(*problem, "ekfac", "sampled", damping=d)),
+        ("ekfac, exact Fisher", lambda d: ours(*problem, "ekfac", "exact", damping=d)),
+        ("exact block-GGN solve", lambda d: exact(model, train_data, query, "ggn", True, d)),
+        ("exact full GGN solve", lambda d: exact(model, train_data, query, "ggn", False, d)),
+    ):
+        table[name] = [truth.score(make(d)[0]) for d in SWEEP]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in table[name]) + " |", flush=True)
+    return table
+
+
+SWEEP = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def run_dataset(
+    dataset: str, n_lds: int, n_loo: int, with_kronfluence: bool, sweep: bool = False
+) -> dict:
     n_train, n_query = DATASETS[dataset]
     train_data, query = load(n_train, n_query, dataset)
     d_in, classes = train_data[0].shape[1], int(train_data[1].max()) + 1
@@ -333,7 +357,9 @@ def run_dataset(dataset: str, n_lds: int, n_loo: int, with_kronfluence: bool) ->
             f"| {row['score_s']:.2f} |",
             flush=True,
         )
+    sweep_table = damping_sweep(model, train_data, query, truth) if sweep else None
     return {
+        "damping_sweep": sweep_table,
         "dataset": dataset,
         "n_train": n_train,
         "n_queries": n_query,
@@ -351,12 +377,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lds", type=int, default=40, help="LDS subsets (each retrained twice)")
     parser.add_argument("--loo", type=int, default=0, help="leave-one-out retrains (slow)")
     parser.add_argument("--kronfluence", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="LDS against the damping")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = [
-        run_dataset(dataset, args.lds, args.loo, args.kronfluence) for dataset in args.datasets
+        run_dataset(dataset, args.lds, args.loo, args.kronfluence, args.sweep)
+        for dataset in args.datasets
     ]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
