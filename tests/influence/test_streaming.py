@@ -71,3 +71,29 @@ def test_streamed_low_rank_at_full_rank_is_exact(tmp_path):
         progress=False,
     )
     torch.testing.assert_close(scores, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def _stream_on_ranks(rank, world_size, directory, model, task, factors, query_set, train_set):
+    return influence.stream_pairwise_scores(
+        model, task, factors, query_set, train_set, directory, damping=1e-3, chunk_size=6,
+        progress=False,
+    )
+
+
+@pytest.mark.distributed
+def test_streamed_scores_on_two_gloo_ranks(tmp_path):
+    from tests.distributed.launcher import run_forked
+
+    model, task, factors, query_set, train_set = _setup()
+    expected = influence.compute_pairwise_scores(
+        model, task, factors, query_set, train_set, damping=1e-3, progress=False
+    ).scores
+    results = run_forked(
+        _stream_on_ranks,
+        world_size=2,
+        args=(str(tmp_path), model, task, factors, query_set, train_set),
+    )
+    # chunks 0, 2 on rank 0 and 1, 3 on rank 1; after the barrier both ranks see them all
+    assert len([p for p in os.listdir(tmp_path) if p.endswith(".safetensors")]) == 4
+    for scores in results:
+        torch.testing.assert_close(scores, expected.float(), rtol=1e-5, atol=1e-6)
