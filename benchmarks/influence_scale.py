@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         query,
         train,
         damping=None,
-        query_batch_size=min(args.batch, args.queries),
+        query_batch_size=args.queries,  # one training pass
         train_batch_size=args.batch,
         train_indices=first,
         progress=False,
