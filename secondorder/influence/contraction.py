@@ -24,8 +24,8 @@ query that dominate scoring for wide layers. The scores are the same up to round
 
 Pairwise scores contract the materialised per-example gradients of one training batch
 (``(N, groups·d_out·d_in')``, one matmul with all queries); per-token scores contract rows,
-``Σ_t g_tᵀ P_q ā_t``. With ``rank`` the query matrices are kept as a rank-``k`` SVD ``L Rᵀ`` (in the basis the pass
-uses; memory ``k·(d_out + d_in')`` per query instead of ``d_out·d_in'``). Per training batch
+``Σ_t g_tᵀ P_q ā_t``. With ``rank`` the query matrices are kept as a rank-``k`` SVD ``L Rᵀ``
+(in the basis the pass uses; memory ``k·(d_out + d_in')`` per query instead of ``d_out·d_in'``). Per training batch
 the cheaper of two contractions is taken: through the factors and the rows
 (``N·T·k·(d_out + d_in')`` per query, no ``d_out × d_in'`` matrix: single-position layers) or
 by decompressing the batch's queries and one dense product (``d_out·d_in'·(k + N)`` per

@@ -4,8 +4,8 @@ Factors that ``secondorder.EKFAC`` accumulated while training are running averag
 parameters that kept changing: the Kronecker factors and their eigenbases lag behind, and the
 EK-FAC correction ``Λ`` is worse still, an average of squared gradients projected on bases that
 were refreshed at different times. Fitting everything again costs two passes over the data
-(covariance, then correction). :func:`refresh_factors` offers the two cheaper, exact-when-they-can-be
-steps in between:
+(covariance, then correction). :func:`refresh_factors` offers two one-pass refreshes, exact
+when they can be:
 
 * ``recompute="correction"``: keep the eigenbases, recompute ``Λ = (1/N) Σ_n (Q_Sᵀ G_n Q_A)^{⊙2}``
   at the current parameters in **one pass** over a user-given loader. ``Λ`` is then the exact

@@ -31,7 +31,9 @@ def _conv_problem():
 @pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
 @pytest.mark.parametrize("eigen", [False, True])
 @pytest.mark.parametrize("rows_first", [False, True])
-def test_both_bases_equal_dense_preconditioned_dot_products(strategy, eigen, rows_first, monkeypatch):
+def test_both_bases_equal_dense_preconditioned_dot_products(
+    strategy, eigen, rows_first, monkeypatch
+):
     model, train, query = _conv_problem()
     task = influence.ClassificationTask()
     factors = influence.fit_factors(model, task, train, strategy=strategy, progress=False)
@@ -71,7 +73,9 @@ def _force(prepared: PreparedQuery, eigen: bool) -> None:
         prepared._finish(prepared.matrices)
     else:
         prepared._finish(
-            prepared.gradient_basis @ prepared.matrices @ prepared.activation_basis.transpose(-1, -2)
+            prepared.gradient_basis
+            @ prepared.matrices
+            @ prepared.activation_basis.transpose(-1, -2)
         )
     del prepared.matrices
 
