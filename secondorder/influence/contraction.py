@@ -135,7 +135,13 @@ class PreparedQuery:
             else:
                 projected = self._project(per_example_gradients(rows))
             inverse = preconditioner.inverse.to(dtype=dtype, device=g.device)
+            self.num_queries = queries
             self.matrices = projected * inverse  # M_q, (Q, groups, d_out, d_in')
+            if rank is not None:
+                # compress now (bounded memory for many queries); rotating the factors later
+                # is exact: Q_S (L Rᵀ) Q_Aᵀ = (Q_S L)(Q_A R)ᵀ
+                self._finish(self.matrices)
+                self.matrices = None
         else:
             self.eigen = False
             self._finish(preconditioner.apply(per_example_gradients(rows)))
@@ -169,7 +175,7 @@ class PreparedQuery:
 
     def _choose(self, positions: int, d_out: int, d_in: int, per_token: bool) -> None:
         """Pick the basis of the whole pass from its cost (module docstring)."""
-        queries = self.matrices.shape[0]
+        queries = self.num_queries
         rotate_rows = positions * (d_out * d_out + d_in * d_in)
         rotate_matrix = d_out * d_in * (d_out + d_in)
         if per_token:
@@ -178,13 +184,17 @@ class PreparedQuery:
             train_side = min(rotate_rows, rotate_matrix)
         unproject = queries * d_out * d_in * (d_out + d_in)
         self.eigen = self.num_train * train_side < unproject
-        if self.eigen:
+        if self.rank is not None:  # already compressed in the eigenbasis
+            if not self.eigen:
+                self.left = self.gradient_basis @ self.left
+                self.right = self.activation_basis @ self.right
+        elif self.eigen:
             self._finish(self.matrices)
         else:
             self._finish(
                 self.gradient_basis @ self.matrices @ self.activation_basis.transpose(-1, -2)
             )
-        del self.matrices
+        self.matrices = None
 
     def scores(self, rows: LayerRows, per_token: bool) -> tuple[Tensor, Tensor | None]:
         """``(Q, N)`` scores and, when ``per_token``, ``(Q, N, T)`` against training rows."""

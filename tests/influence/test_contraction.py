@@ -59,6 +59,10 @@ def test_both_bases_equal_dense_preconditioned_dot_products(
                 torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
                 if per_token:
                     torch.testing.assert_close(tokens.sum(-1), expected, rtol=1e-10, atol=1e-12)
+            low = PreparedQuery(preconditioners[name], rows, num_train=10, rank=10_000)
+            monkeypatch.setattr(low, "_choose", lambda *_: _force(low, eigen), raising=False)
+            for per_token in (False, True):
+                torch.testing.assert_close(low.scores(trained[name], per_token)[0], expected)
             for rows_cheaper in (False, True):
                 monkeypatch.setattr(
                     PreparedQuery, "_low_rank_rows_cheaper", lambda *_, c=rows_cheaper: c
@@ -69,6 +73,11 @@ def test_both_bases_equal_dense_preconditioned_dot_products(
 
 def _force(prepared: PreparedQuery, eigen: bool) -> None:
     prepared.eigen = eigen
+    if prepared.rank is not None:
+        if not eigen:
+            prepared.left = prepared.gradient_basis @ prepared.left
+            prepared.right = prepared.activation_basis @ prepared.right
+        return
     if eigen:
         prepared._finish(prepared.matrices)
     else:
