@@ -93,6 +93,29 @@ def _outer_sum(g: Tensor, a: Tensor) -> Tensor:
     return torch.einsum("ntgo,ntgi->ngoi", g, a)
 
 
+_CHUNK_ELEMENTS = 1 << 24  # bound on the elements of one per-token temporary
+
+
+def _token_scores(full: Tensor, a: Tensor, g: Tensor) -> Tensor:
+    """``Σ_{o,i} g_{nto} P_{qoi} a_{nti}`` → ``(Q, N, T)``: one matmul over the wider side of
+    ``P``, an elementwise product over the narrower one, in chunks of queries."""
+    queries, groups, d_out, d_in = full.shape
+    examples, positions = g.shape[:2]
+    if groups != 1:
+        return torch.einsum("qgoi,ntgi,ntgo->qnt", full, a, g)
+    rows = examples * positions
+    a, g, matrices = a.reshape(1, rows, d_in), g.reshape(1, rows, d_out), full[:, 0]
+    chunk = max(1, _CHUNK_ELEMENTS // max(rows * min(d_out, d_in), 1))
+    parts = []
+    for start in range(0, queries, chunk):
+        block = matrices[start : start + chunk]
+        if d_in <= d_out:
+            parts.append(((g @ block) * a).sum(-1))  # (chunk, rows, d_in)
+        else:
+            parts.append(((a @ block.transpose(-1, -2)) * g).sum(-1))
+    return torch.cat(parts).reshape(queries, examples, positions)
+
+
 class PreparedQuery:
     """One layer's preconditioned query gradients for one query batch (module docstring).
 
@@ -219,7 +242,7 @@ class PreparedQuery:
             return full.flatten(1) @ gradients.flatten(1).transpose(0, 1), None
         if self.full is not None:
             if per_token:
-                tokens = torch.einsum("qgoi,ntgi,ntgo->qnt", self.full, a, g)
+                tokens = _token_scores(self.full, a, g)
                 return tokens.sum(-1), tokens
             return self.full.flatten(1) @ gradients.flatten(1).transpose(0, 1), None
         grads_left = torch.einsum("ntgo,qgok->qntgk", g, self.left)
