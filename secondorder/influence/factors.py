@@ -39,7 +39,10 @@ distributor (:mod:`secondorder.influence.sharding`):
 A rank may own no layer; it still fits its data shard and joins the collectives. Rank 0
 writes the files; every rank loads a finished stage only when every rank finds it.
 
-Memory stays bounded by the batch size: per-example gradients exist one batch at a time.
+Memory stays bounded by the batch size: per-example gradients exist one batch at a time. For
+``ekfac`` the captured rows of the covariance pass are kept (up to ``ROW_CACHE_BYTES``, 1 GiB)
+so that the correction needs no second forward/backward pass; past the budget they are dropped
+and the correction reads the data again (same batches, same sampled labels, same result).
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ from secondorder.influence.task import InfluenceTask
 from secondorder.optimizers.validation import check_choice, check_int
 
 __all__ = ["DEFAULT_STRATEGY", "InfluenceFactors", "fit_factors", "load_factors"]
+
+ROW_CACHE_BYTES = 1 << 30
+"""Captured rows kept between the covariance and correction passes of one fit (bytes): within
+this budget the correction needs no second forward/backward pass over the data."""
 
 DEFAULT_STRATEGY = "kfac"
 """The strategy :func:`fit_factors` uses unless told (the best measured LDS; its docstring)."""
@@ -265,6 +272,11 @@ class _Fit:
         self.fisher, self.seed, self.batch_size = fisher, seed, batch_size
         self.collate_fn, self.device, self.store = collate_fn, device, store
         self.partitions, self.progress = data_partitions, progress
+        # captured rows of the covariance pass, reused by the correction pass (same batches and
+        # the same label generator, so the same rows) while they fit in ROW_CACHE_BYTES
+        self.row_cache: list | None = None  # switched on by fit_factors for ekfac
+        self.row_cache_bytes = 0
+        self.row_cache_indices: list[int] | None = None
         self.indices = resolve_indices(dataset, indices, "indices")
         if not self.indices:
             raise ValueError("Invalid dataset: no examples to fit on")
@@ -370,6 +382,20 @@ class _Fit:
             desc=desc,
         )
 
+    def _keep(self, passes: list) -> None:
+        """Add one batch's rows to the cache, or drop the cache once it outgrows its budget."""
+        if self.row_cache is None:
+            return
+        self.row_cache_bytes += sum(
+            rows.stats.inputs.nbytes + rows.stats.output_grads.nbytes
+            for rows_by_layer in passes
+            for rows in rows_by_layer.values()
+        )
+        if self.row_cache_bytes > ROW_CACHE_BYTES:
+            self.row_cache = None
+        else:
+            self.row_cache.append(passes)
+
     def generator(self, part: int) -> torch.Generator | None:
         """The label sampler of one data partition on this rank (``seed`` itself for rank 0,
         partition 0), so shards and partitions draw independent labels."""
@@ -383,6 +409,8 @@ class _Fit:
 
     def covariance(self, indices: list[int], desc: str, part: int) -> dict[str, dict[str, Tensor]]:
         dtype = self.dtype
+        if self.row_cache is not None:
+            self.row_cache_indices = list(indices)
 
         def zeros(layer):
             g, o, i = layer.groups, layer.out_features, layer.in_features
@@ -402,6 +430,7 @@ class _Fit:
         generator = self.generator(part)
         for _, batch in self.batches(indices, desc):
             passes = self.recorder.train_passes(batch, self.fisher, generator)
+            self._keep(passes)
             for number, rows_by_layer in enumerate(passes):
                 for name, rows in rows_by_layer.items():
                     activation, gradient = covariance_sums(rows, dtype)
@@ -432,8 +461,16 @@ class _Fit:
 
         sums = self._empty(zeros)
         generator = self.generator(part)
-        for _, batch in self.batches(indices, desc):
-            passes = self.recorder.train_passes(batch, self.fisher, generator)
+        cached = self.row_cache if self.row_cache_indices == list(indices) else None
+        self.row_cache, self.row_cache_indices = None, None  # used once
+        if cached is not None:
+            source = iter(cached)
+        else:
+            source = (
+                self.recorder.train_passes(batch, self.fisher, generator)
+                for _, batch in self.batches(indices, desc)
+            )
+        for passes in source:
             for number, rows_by_layer in enumerate(passes):
                 for name, rows in rows_by_layer.items():
                     device = rows.stats.output_grads.device
@@ -539,6 +576,8 @@ def fit_factors(
     try:
         layers: dict[str, dict[str, Tensor]] = {name: {} for name in fit.recorder.names}
         if strategy in ("kfac", "ekfac"):
+            if strategy == "ekfac" and data_partitions == 1:
+                fit.row_cache = []
             covariance = fit.stage("covariance", fit.covariance)
             decomposition = fit.eigendecomposition(covariance)
             for name in layers:
