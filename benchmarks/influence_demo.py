@@ -9,9 +9,11 @@
 2. Cuts the training text into non-overlapping sequences and fits EK-FAC factors on them
    (true Fisher, labels sampled with a fixed seed; saved in ``--out/factors`` and reused on the
    next run).
-3. Scores every training sequence against the query ``log p(completion | prompt)`` and prints
-   the 10 most helpful and the 10 most harmful sequences, then the per-token influence inside
-   the most helpful one.
+3. Scores every training sequence against the query ``log p(completion | prompt)`` and
+   answers "which training files taught the model this completion?": the scores summed per
+   source file of the corpus (pydoc prose or a standard-library module), strongest first;
+   then the 10 most helpful and the 10 most harmful sequences, and the per-token influence
+   inside the most helpful one.
 
 Sign and units: the measurement is the completion's cross-entropy ``−log p``; a **positive**
 score means the sequence **helped** (made the completion more likely). "score/N" divides the raw
@@ -25,14 +27,23 @@ predicting that token), not the effect of the token's presence.
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
+import sysconfig
 import time
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from benchmarks.data import fixed_windows, load_stdlib_corpus, sample_windows
+from benchmarks.data import (
+    CHUNK_BYTES,
+    HELD_OUT_EVERY,
+    _corpus_bytes,
+    fixed_windows,
+    load_stdlib_corpus,
+    sample_windows,
+)
 from benchmarks.models import ByteTransformer
 from secondorder import influence
 
@@ -64,6 +75,37 @@ def training_sequences(corpus, count: int) -> TensorDataset:
     """``count`` evenly spaced windows over the whole training text (prose and code):
     inputs and next bytes, ``(count, context)`` each."""
     return TensorDataset(*fixed_windows(corpus.train, count, CONFIG["context"]))
+
+
+def sequence_files(corpus, count: int) -> tuple[list[str], list[int]]:
+    """The source file of each of :func:`training_sequences`' windows.
+
+    Returns:
+        ``(file names, file index of every window)``. The corpus is the files joined by
+        blank lines, cut in ``CHUNK_BYTES`` chunks with every ``HELD_OUT_EVERY``-th held out;
+        a window is attributed to the file its first byte comes from.
+    """
+    from benchmarks.data import CORPUS_MODULES
+
+    raw, names = _corpus_bytes(tuple(CORPUS_MODULES))
+    if len(raw) != corpus.meta["n_bytes"]:
+        raise ValueError("Invalid corpus: truncated corpora are not mapped to files")
+    from pydoc_data.topics import topics
+
+    prose = "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+    starts, position = [0], len(prose) + 2
+    root = sysconfig.get_paths()["stdlib"]
+    for rel in names[1:]:
+        starts.append(position)
+        position += os.path.getsize(os.path.join(root, *rel.split("/"))) + 2
+    span = len(corpus.train) - CONFIG["context"] - 1
+    files = []
+    for offset in torch.linspace(0, span, count).long().tolist():
+        chunk = offset // CHUNK_BYTES
+        raw_chunk = chunk + chunk // (HELD_OUT_EVERY - 1)  # skip the held-out chunks
+        raw_offset = raw_chunk * CHUNK_BYTES + offset % CHUNK_BYTES
+        files.append(bisect.bisect_right(starts, raw_offset) - 1)
+    return ["pydoc topics (prose)"] + list(names[1:]), files
 
 
 def query_example(prompt: str, completion: str) -> TensorDataset:
@@ -158,6 +200,24 @@ def main(argv=None) -> None:
         f"(damping 0.1 x mean eigenvalue per layer)"
     )
 
+    names, files = sequence_files(corpus, len(train_set))
+    per_file = torch.zeros(len(names), dtype=torch.float64).index_add_(
+        0, torch.tensor(files), result.scores[0].double()
+    )
+    sizes = torch.bincount(torch.tensor(files), minlength=len(names))
+    print(
+        "\nwhich training files taught the model this completion? "
+        "(scores summed per file; positive = helped)"
+    )
+    order = torch.argsort(per_file, descending=True)[: args.top].tolist()
+    for rank, index in enumerate(order, 1):
+        print(
+            f"  {rank:2d}. {names[index]:<28s} {per_file[index].item():+10.3f} "
+            f"over {int(sizes[index])} sequences"
+        )
+    least = int(torch.argmin(per_file))
+    print(f"  most harmful file: {names[least]} {per_file[least].item():+.3f}")
+
     best = result.top_k(args.top)
     count = len(corpus.train) // CONFIG["context"]  # the training text in sequences
     for title, indices, values in (
@@ -170,7 +230,7 @@ def main(argv=None) -> None:
         ):
             print(
                 f"  {rank:2d}. #{index:<5d} {value:+10.3f} {value / count:+.2e}  "
-                f"{show(train_set.tensors[0][index])}"
+                f"[{names[files[index]]}] {show(train_set.tensors[0][index])}"
             )
 
     top = int(best.helpful_indices[0, 0])

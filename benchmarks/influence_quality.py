@@ -1,34 +1,36 @@
-"""Influence quality on scikit-learn digits: leave-one-out and LDS ground truth (influence.md §6).
+"""Influence quality on scikit-learn data: LDS (two retraining seeds) and leave-one-out.
 
-    python -m benchmarks.influence_quality [--quick] [--loo N] [--lds M] [--out FILE]
+    python -m benchmarks.influence_quality [--datasets breast_cancer digits] [--lds M]
+        [--loo N] [--kronfluence] [--sweep] [--out FILE]
 
-Set-up (reference/influence.md §6.1 and Run B of §6.3): ``load_digits`` standardised, 600
-training and 200 query examples, MLP 64→32→32→10 with tanh and biases (3,466 parameters),
-float64, trained by full-batch L-BFGS on ``mean CE + ½·wd·‖θ‖²`` with ``wd = 1e-2`` (a regime
-where curvature matters; an interpolating toy makes every method look alike). Damping = ``wd``
-for every method.
+Set-up (reference/influence.md §6): standardised features, an MLP ``d→32→32→C`` with tanh and
+biases in float64, trained by full-batch L-BFGS on ``mean CE + ½·wd·‖θ‖²`` with ``wd = 1e-2``
+(a regime where curvature matters). Damping = ``wd`` for every method.
 
-Methods: ``secondorder.influence`` identity / diagonal / kfac / ekfac (true Fisher with seeded
-sampled labels, and ekfac also with the exact expectation over the 10 classes and with the
-empirical Fisher), the exact **block-diagonal** GGN solve (one block per layer, what EK-FAC
-approximates), the exact full GGN and the full Hessian solves, and kronfluence 1.0.1's ekfac
-when it is installed.
+* ``breast_cancer``: 569 × 30, 2 classes; 300 training / 150 query examples (2,146 parameters);
+* ``digits``: 1,797 × 64, 10 classes; 600 training / 200 query examples (3,466 parameters).
 
-Ground truth:
+Methods (every one scored through the public API): ``secondorder.influence`` identity,
+diagonal, kfac and ekfac (true Fisher with seeded sampled labels; kfac and ekfac also with the
+exact expectation over the classes and with the empirical Fisher), and
+:func:`secondorder.influence.exact_scores`: the block-diagonal GGN (what per-layer methods
+approximate), the full GGN and the full Hessian solves; kronfluence 1.0.1's ekfac with
+``--kronfluence``.
 
-* **LOO** (warm-started): remove example ``m``, re-minimise ``Σ_{n≠m} L_n / N + ½·wd·‖θ‖²`` from
-  θ*, record the change of every query loss; prediction ``+score/N``. Removed points: the most
-  negative and most positive by aggregate EK-FAC influence plus random ones.
-* **LDS**: ``M`` random 50% subsets retrained from the fixed initialisation; per query,
-  Spearman between ``−mask @ scoresᵀ`` and the retrained query losses.
+Ground truth (:mod:`secondorder.influence.evaluation`):
 
-Cost: the default (30 LOO, 40 LDS retrains) took 36 minutes on a heavily shared 2-core machine
-(~19 min of it LOO, ~10 min LDS); ``--quick`` (20 + 20) roughly halves the retraining.
+* **LDS**: ``M`` random 50% subsets, each retrained from scratch with **two** initialisation
+  seeds (``train_fn(indices, seed)``). Reported: the LDS against each seed, their mean, and
+  the seed-to-seed Spearman of the retrained losses (the noise ceiling: a perfect linear
+  predictor of one seed's losses cannot correlate with the other seed's much better than
+  the seeds correlate with each other). ``|LDS(seed 0) − LDS(seed 1)|`` is the noise floor of
+  a single-seed LDS.
+* **LOO** (``--loo N``, warm-started, off by default: slow): remove the most negative and most
+  positive examples by aggregate EK-FAC influence plus random ones, re-minimise from θ*;
+  prediction ``+score/N``.
 
-Reported: mean over queries of per-query Pearson/Spearman (LOO), pooled LOO Pearson, LDS, the
-correlation with the exact block-GGN scores, and wall times of fitting and scoring. The
-kronfluence timing comparison uses identical settings on both sides (empirical Fisher, float64,
-explicit damping), where the two agree to ~1e-14.
+Reported per data set: a table of LDS (mean, per seed), LOO (when run), the correlation with
+the exact block-GGN scores, and fit/score wall times.
 """
 
 from __future__ import annotations
@@ -37,36 +39,55 @@ import argparse
 import copy
 import json
 import logging
+import tempfile
 import time
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from benchmarks.data import load_digits_split
 from secondorder import influence
+from secondorder.influence.evaluation import spearman_columns
 
 WD = 1e-2
+DATASETS = {"breast_cancer": (300, 150), "digits": (600, 200)}
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
-    """MLP 64→32→32→10, tanh, float64, PyTorch's default initialisation under ``seed``."""
+def make_model(d_in: int = 64, classes: int = 10, seed: int = 0) -> nn.Sequential:
+    """MLP ``d_in→32→32→classes``, tanh, float64, PyTorch's default initialisation."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)
+        nn.Linear(d_in, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, classes)
     ).double()
 
 
-def load(n_train: int, n_query: int):
-    """``(train_x, train_y), (query_x, query_y)`` in float64 from the digits split."""
-    split = load_digits_split()
-    return (split.train_x[:n_train].double(), split.train_y[:n_train]), (
-        split.test_x[:n_query].double(),
-        split.test_y[:n_query],
+def load(n_train: int, n_query: int, dataset: str = "digits"):
+    """``(train_x, train_y), (query_x, query_y)`` in float64."""
+    if dataset == "digits":
+        split = load_digits_split()
+        x_train, y_train, x_test, y_test = split.train_x, split.train_y, split.test_x, split.test_y
+    elif dataset == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        bunch = load_breast_cancer()
+        x = np.asarray(bunch.data, dtype=np.float64)
+        y = np.asarray(bunch.target, dtype=np.int64)
+        order = np.random.RandomState(0).permutation(len(x))
+        x, y = x[order], y[order]
+        mean, std = x[:n_train].mean(0), x[:n_train].std(0)
+        std[std == 0] = 1.0
+        x = torch.from_numpy((x - mean) / std)
+        y = torch.from_numpy(y)
+        x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    else:
+        raise ValueError(f"Invalid dataset: {dataset!r} (expected one of {sorted(DATASETS)})")
+    return (x_train[:n_train].double(), y_train[:n_train]), (
+        x_test[:n_query].double(),
+        y_test[:n_query],
     )
 
 
@@ -103,120 +124,34 @@ def query_losses(model, query) -> torch.Tensor:
         return F.cross_entropy(model(query[0]), query[1], reduction="none")
 
 
-# ---------------------------------------------------------------------------- exact solves
-def _flat_gradients(model, x, y) -> torch.Tensor:
-    """Per-example loss gradients ``(N, P)`` in ``named_parameters`` order."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None], reduction="sum")
-
-    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
-
-
-def _layer_slices(model) -> list[slice]:
-    """Parameter index ranges of each Linear layer (weight and bias together)."""
-    slices, start = [], 0
-    for module in model:
-        if isinstance(module, nn.Linear):
-            size = module.weight.numel() + module.bias.numel()
-            slices.append(slice(start, start + size))
-            start += size
-    return slices
-
-
-def exact_matrices(model, train, hessian: bool = True) -> dict[str, torch.Tensor]:
-    """Full GGN ``(1/N) Σ J_nᵀ(diag p − p pᵀ)J_n`` and Hessian of mean CE (no wd), ``(P, P)``."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    names = list(params)
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-    flat = torch.cat([params[k].flatten() for k in names])
-
-    def unflatten(vector):
-        return {
-            k: piece.reshape(s)
-            for k, piece, s in zip(names, vector.split(sizes), shapes, strict=True)
-        }
-
-    def logits(vector, xi):
-        return functional_call(model, unflatten(vector), (xi[None],))[0]
-
-    x, y = train
-    jac = vmap(jacrev(logits), in_dims=(None, 0))(flat, x)  # (N, C, P)
-    with torch.no_grad():
-        probs = torch.softmax(model(x), dim=-1)
-    curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, curvature, jac) / len(x)
-
-    if not hessian:
-        return {"ggn": ggn}
-
-    def objective(vector):
-        return F.cross_entropy(functional_call(model, unflatten(vector), (x,)), y)
-
-    gradient = grad(objective)
-
-    def hvp(tangent):
-        return jvp(gradient, (flat,), (tangent,))[1]
-
-    eye = torch.eye(len(flat), dtype=torch.float64)
-    matrix = torch.cat([vmap(hvp)(chunk) for chunk in eye.split(256)], dim=0)
-    return {"ggn": ggn, "hessian": (matrix + matrix.T) / 2}
-
-
-def exact_scores(model, train, query, matrices) -> dict[str, torch.Tensor]:
-    """Scores ``∇f_qᵀ (B + wd·I)⁻¹ ∇L_m`` for block-GGN, full GGN and full Hessian ``B``."""
-    train_grads = _flat_gradients(model, *train)
-    query_grads = _flat_gradients(model, *query)
-    eye = torch.eye(train_grads.shape[1], dtype=torch.float64)
-    result = {}
-    block = torch.zeros_like(matrices["ggn"])
-    for piece in _layer_slices(model):
-        block[piece, piece] = matrices["ggn"][piece, piece]
-    candidates = [("exact block-GGN solve", block), ("exact full GGN solve", matrices["ggn"])]
-    if "hessian" in matrices:
-        candidates.append(("exact full Hessian solve", matrices["hessian"]))
-    for name, matrix in candidates:
-        solved = torch.linalg.solve(matrix + WD * eye, query_grads.T).T
-        result[name] = solved @ train_grads.T
-    return result
-
-
-# ---------------------------------------------------------------------------- influence runs
-def ours(model, train, query, strategy: str, fisher: str, seed: int = 0):
+def ours(model, train, query, strategy: str, fisher: str, seed: int = 0, damping=WD):
     """``(scores (Q, N), fit seconds, score seconds)`` from ``secondorder.influence``."""
     task = influence.ClassificationTask()
     train_set, query_set = TensorDataset(*train), TensorDataset(*query)
     start = time.perf_counter()
     factors = influence.fit_factors(
-        model,
-        task,
-        train_set,
-        strategy=strategy,
-        fisher=fisher,
-        seed=seed,
-        batch_size=200,
+        model, task, train_set, strategy=strategy, fisher=fisher, seed=seed, batch_size=200,
         progress=False,
     )
     fitted = time.perf_counter()
     scores = influence.compute_pairwise_scores(
-        model,
-        task,
-        factors,
-        query_set,
-        train_set,
-        damping=WD,
-        query_batch_size=200,
-        train_batch_size=200,
-        progress=False,
+        model, task, factors, query_set, train_set, damping=damping, query_batch_size=200,
+        train_batch_size=200, progress=False,
     ).scores
     return scores, fitted - start, time.perf_counter() - fitted
 
 
-def kronfluence_run(model, train, query, strategy: str, use_empirical_fisher: bool, directory: str):
-    """kronfluence 1.0.1 with matched float64 settings; ``None`` when it is not installed."""
+def exact(model, train, query, curvature: str, block_diagonal: bool, damping: float = WD):
+    start = time.perf_counter()
+    scores = influence.exact_scores(
+        model, influence.ClassificationTask(), TensorDataset(*query), TensorDataset(*train),
+        damping=damping, curvature=curvature, block_diagonal=block_diagonal,
+    ).scores
+    return scores, time.perf_counter() - start, 0.0
+
+
+def kronfluence_run(model, train, query, directory: str):
+    """kronfluence 1.0.1 ekfac (sampled Fisher, float64); ``None`` when not installed."""
     try:
         import kronfluence
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -239,252 +174,222 @@ def kronfluence_run(model, train, query, strategy: str, use_empirical_fisher: bo
     wrapped = kronfluence.prepare_model(copy.deepcopy(model), KfTask())
     f64 = torch.float64
     factor_args = FactorArguments(
-        strategy=strategy,
-        use_empirical_fisher=use_empirical_fisher,
-        covariance_max_examples=None,
-        lambda_max_examples=None,
-        activation_covariance_dtype=f64,
-        gradient_covariance_dtype=f64,
-        eigendecomposition_dtype=f64,
-        per_sample_gradient_dtype=f64,
-        lambda_dtype=f64,
+        strategy="ekfac", covariance_max_examples=None, lambda_max_examples=None,
+        activation_covariance_dtype=f64, gradient_covariance_dtype=f64,
+        eigendecomposition_dtype=f64, per_sample_gradient_dtype=f64, lambda_dtype=f64,
     )
     score_args = ScoreArguments(
-        damping_factor=WD,
-        query_gradient_svd_dtype=f64,
-        per_sample_gradient_dtype=f64,
-        precondition_dtype=f64,
-        score_dtype=f64,
+        damping_factor=WD, query_gradient_svd_dtype=f64, per_sample_gradient_dtype=f64,
+        precondition_dtype=f64, score_dtype=f64,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analyzer = kronfluence.Analyzer(
-            analysis_name="quality",
-            model=wrapped,
-            task=KfTask(),
-            cpu=True,
-            disable_tqdm=True,
-            output_dir=directory,
-            log_level=logging.ERROR,
+            analysis_name="quality", model=wrapped, task=KfTask(), cpu=True, disable_tqdm=True,
+            output_dir=directory, log_level=logging.ERROR,
         )
         start = time.perf_counter()
         analyzer.fit_all_factors(
-            factors_name=strategy,
-            dataset=TensorDataset(*train),
-            per_device_batch_size=200,
-            factor_args=factor_args,
-            overwrite_output_dir=True,
+            factors_name="ekfac", dataset=TensorDataset(*train), per_device_batch_size=200,
+            factor_args=factor_args, overwrite_output_dir=True,
         )
         fitted = time.perf_counter()
         analyzer.compute_pairwise_scores(
-            scores_name=strategy,
-            factors_name=strategy,
-            query_dataset=TensorDataset(*query),
-            train_dataset=TensorDataset(*train),
-            per_device_query_batch_size=200,
-            per_device_train_batch_size=200,
-            score_args=score_args,
-            overwrite_output_dir=True,
+            scores_name="ekfac", factors_name="ekfac", query_dataset=TensorDataset(*query),
+            train_dataset=TensorDataset(*train), per_device_query_batch_size=200,
+            per_device_train_batch_size=200, score_args=score_args, overwrite_output_dir=True,
         )
         done = time.perf_counter()
-        return (
-            analyzer.load_pairwise_scores(strategy)["all_modules"].double(),
-            fitted - start,
-            done - fitted,
-        )
+        scores = analyzer.load_pairwise_scores("ekfac")["all_modules"].double()
+    return scores, fitted - start, done - fitted
 
 
-# ---------------------------------------------------------------------------- ground truth
-def loo_truth(model, train_data, query, removed: list[int]) -> torch.Tensor:
-    """``(R, Q)`` change of each query loss when each removed example is dropped (warm start)."""
-    base = query_losses(model, query)
-    changes = []
-    for index in removed:
-        retrained = copy.deepcopy(model)
-        weights = torch.ones(len(train_data[0]), dtype=torch.float64)
-        weights[index] = 0
-        train(retrained, train_data[0], train_data[1], weights)
-        changes.append(query_losses(retrained, query) - base)
-    return torch.stack(changes)
-
-
-def lds_truth(init_state, train_data, query, masks: torch.Tensor) -> torch.Tensor:
-    """``(M, Q)`` query losses of models retrained from ``init_state`` on each 50% subset."""
-    losses = []
-    for mask in masks:
-        model = make_model()
-        model.load_state_dict(init_state)
-        keep = mask.bool()
-        train(model, train_data[0][keep], train_data[1][keep])
-        losses.append(query_losses(model, query))
-    return torch.stack(losses)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    return np.argsort(np.argsort(values, axis=0), axis=0).astype(np.float64)
-
-
-def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0) + 1e-300)
-
-
-def evaluate(
-    scores: torch.Tensor, n_train: int, removed, loo: torch.Tensor, masks, lds, reference
-) -> dict:
-    """Correlations of one method's ``(Q, N)`` scores with the ground truths."""
-    predicted = (scores[:, removed].T / n_train).numpy()  # (R, Q): +score/N
-    actual = loo.numpy()
-    result = {
-        "loo_pearson": float(np.nanmean(_pearson_columns(predicted, actual))),
-        "loo_spearman": float(np.nanmean(_pearson_columns(_ranks(predicted), _ranks(actual)))),
-        "loo_pooled_pearson": float(np.corrcoef(predicted.ravel(), actual.ravel())[0, 1]),
-        "lds": float(
-            np.nanmean(
-                _pearson_columns(_ranks((-masks.double() @ scores.T).numpy()), _ranks(lds.numpy()))
-            )
-        ),
-    }
-    mine, exact = scores.T.numpy(), reference.T.numpy()  # (N, Q): per query across training points
-    result["vs_block_ggn_pearson"] = float(np.nanmean(_pearson_columns(mine, exact)))
-    result["vs_block_ggn_spearman"] = float(
-        np.nanmean(_pearson_columns(_ranks(mine), _ranks(exact)))
-    )
-    return result
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="smaller ground truth (CI-sized, ~minutes)"
-    )
-    parser.add_argument("--loo", type=int, default=None, help="number of leave-one-out retrains")
-    parser.add_argument("--lds", type=int, default=None, help="number of LDS subsets")
-    parser.add_argument("--train", type=int, default=600)
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    n_loo = args.loo if args.loo is not None else (20 if args.quick else 30)
-    n_lds = args.lds if args.lds is not None else (20 if args.quick else 40)
-    train_data, query = load(args.train, args.queries)
-    n_train = len(train_data[0])
-
-    start = time.perf_counter()
-    model = make_model()
-    init_state = copy.deepcopy(model.state_dict())
-    train(model, *train_data)
-    with torch.no_grad():
-        train_ce = float(F.cross_entropy(model(train_data[0]), train_data[1]))
-    query_ce = float(query_losses(model, query).mean())
-    print(
-        f"trained in {time.perf_counter() - start:.1f}s: "
-        f"train CE {train_ce:.3f}, query CE {query_ce:.3f}"
-    )
-
-    methods: dict[str, dict] = {}
-    scores: dict[str, torch.Tensor] = {}
+def all_scores(model, train_data, query, with_kronfluence: bool) -> tuple[dict, dict]:
+    """Every method's ``(Q, N)`` scores and timings."""
     runs = [
         ("identity", "empirical"),
         ("diagonal", "sampled"),
         ("kfac", "sampled"),
+        ("kfac", "exact"),
+        ("kfac", "empirical"),
         ("ekfac", "sampled"),
         ("ekfac", "exact"),
         ("ekfac", "empirical"),
     ]
+    scores, timings = {}, {}
     for strategy, fisher in runs:
-        name = f"secondorder {strategy}" + ("" if strategy == "identity" else f", {fisher} Fisher")
-        scores[name], fit_s, score_s = ours(model, train_data, query, strategy, fisher)
-        methods[name] = {"fit_s": fit_s, "score_s": score_s}
-    start = time.perf_counter()
-    exact = exact_scores(model, train_data, query, exact_matrices(model, train_data))
-    exact_seconds = time.perf_counter() - start
-    for name, value in exact.items():
-        scores[name] = value
-        methods[name] = {"fit_s": exact_seconds, "score_s": 0.0}
-    import tempfile
+        name = f"{strategy}" + ("" if strategy == "identity" else f", {fisher} Fisher")
+        scores[name], *timings[name] = ours(model, train_data, query, strategy, fisher)
+    for name, curvature, block in (
+        ("exact block-GGN solve", "ggn", True),
+        ("exact full GGN solve", "ggn", False),
+        ("exact full Hessian solve", "hessian", False),
+    ):
+        scores[name], *timings[name] = exact(model, train_data, query, curvature, block)
+    if with_kronfluence:
+        with tempfile.TemporaryDirectory() as directory:
+            run = kronfluence_run(model, train_data, query, directory)
+        if run is not None:
+            scores["kronfluence ekfac, sampled Fisher"], *timings[
+                "kronfluence ekfac, sampled Fisher"
+            ] = run
+    return scores, timings
 
-    with tempfile.TemporaryDirectory() as directory:
-        for strategy, empirical in (("ekfac", False), ("ekfac", True)):
-            run = kronfluence_run(model, train_data, query, strategy, empirical, directory)
-            if run is not None:
-                name = f"kronfluence {strategy}, {'empirical' if empirical else 'sampled'} Fisher"
-                scores[name], fit_s, score_s = run
-                methods[name] = {"fit_s": fit_s, "score_s": score_s}
 
-    aggregate = scores["secondorder ekfac, sampled Fisher"].sum(0)
-    order = torch.argsort(aggregate)
-    extremes = max(n_loo // 4, 1)
-    chosen = order[:extremes].tolist() + order[-extremes:].tolist()
-    rest = [
-        i
-        for i in torch.randperm(n_train, generator=torch.Generator().manual_seed(0)).tolist()
-        if i not in chosen
-    ]
-    removed = chosen + rest[: max(n_loo - len(chosen), 0)]
+def damping_sweep(model, train_data, query, truth) -> dict:
+    """LDS of the per-layer methods as the damping grows (the EK-FAC vs K-FAC question)."""
+    print("damping sweep (LDS, mean of the two seeds):")
+    print("| method | " + " | ".join(f"λ={d:g}" for d in SWEEP) + " |")
+    print("|---" * (len(SWEEP) + 1) + "|")
+    table = {}
+    problem = (model, train_data, query)
+    for name, make in (
+        ("kfac, sampled Fisher", lambda d: ours(*problem, "kfac", "sampled", damping=d)),
+        ("ekfac, sampled Fisher", lambda d: ours(*problem, "ekfac", "sampled", damping=d)),
+        ("ekfac, exact Fisher", lambda d: ours(*problem, "ekfac", "exact", damping=d)),
+        ("exact block-GGN solve", lambda d: exact(model, train_data, query, "ggn", True, d)),
+        ("exact full GGN solve", lambda d: exact(model, train_data, query, "ggn", False, d)),
+    ):
+        table[name] = [truth.score(make(d)[0]) for d in SWEEP]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in table[name]) + " |", flush=True)
+    return table
+
+
+SWEEP = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def run_dataset(
+    dataset: str, n_lds: int, n_loo: int, with_kronfluence: bool, sweep: bool = False
+) -> dict:
+    n_train, n_query = DATASETS[dataset]
+    train_data, query = load(n_train, n_query, dataset)
+    d_in, classes = train_data[0].shape[1], int(train_data[1].max()) + 1
     start = time.perf_counter()
-    loo = loo_truth(model, train_data, query, removed)
-    loo_seconds = time.perf_counter() - start
-    masks = (torch.rand(n_lds, n_train, generator=torch.Generator().manual_seed(1)) < 0.5).to(
-        torch.float64
-    )
-    start = time.perf_counter()
-    lds = lds_truth(init_state, train_data, query, masks)
-    lds_seconds = time.perf_counter() - start
+    model = train(make_model(d_in, classes), *train_data)
+    with torch.no_grad():
+        train_ce = float(F.cross_entropy(model(train_data[0]), train_data[1]))
     print(
-        f"ground truth: {len(removed)} LOO retrains in {loo_seconds:.0f}s, "
-        f"{n_lds} LDS retrains in {lds_seconds:.0f}s"
+        f"\n## {dataset}: {n_train} train / {n_query} queries, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, trained in "
+        f"{time.perf_counter() - start:.1f}s: train CE {train_ce:.3f}, "
+        f"query CE {float(query_losses(model, query).mean()):.3f}",
+        flush=True,
     )
+    scores, timings = all_scores(model, train_data, query, with_kronfluence)
 
+    def train_fn(indices, seed):
+        keep = torch.as_tensor(indices)
+        fresh = train(make_model(d_in, classes, seed), train_data[0][keep], train_data[1][keep])
+        return query_losses(fresh, query)
+
+    start = time.perf_counter()
+    truth = influence.evaluate_lds(None, train_fn, n_train, count=n_lds, seeds=2, seed=1)
+    lds_seconds = time.perf_counter() - start
+    loo = None
+    if n_loo > 0:
+        aggregate = scores["ekfac, sampled Fisher"].sum(0)
+        order = torch.argsort(aggregate)
+        extremes = max(n_loo // 4, 1)
+        chosen = order[:extremes].tolist() + order[-extremes:].tolist()
+        rest = [
+            i for i in torch.randperm(n_train, generator=torch.Generator().manual_seed(0)).tolist()
+            if i not in chosen
+        ]
+        removed = chosen + rest[: max(n_loo - len(chosen), 0)]
+
+        def retrain_without(index):
+            weights = torch.ones(n_train, dtype=torch.float64)
+            weights[index] = 0
+            return query_losses(
+                train(copy.deepcopy(model), *train_data, weights, tolerance=1e-10), query
+            )
+
+        loo = (removed, retrain_without)
     reference = scores["exact block-GGN solve"]
+    rows = {}
+    loo_changes = None
     for name, value in scores.items():
-        methods[name].update(evaluate(value, n_train, removed, loo, masks, lds, reference))
-    header = (
-        "| method | LOO Pearson | LOO Spearman | LOO pooled | LDS | vs block-GGN (P / S) "
-        "| fit s | score s |\n"
-        "|---|---|---|---|---|---|---|---|"
+        per_seed = [
+            influence.linear_datamodeling_score(value, truth.masks, m)[0]
+            for m in truth.measurements
+        ]
+        row = {
+            "lds": sum(per_seed) / 2,
+            "lds_seed0": per_seed[0],
+            "lds_seed1": per_seed[1],
+            "vs_block_ggn_spearman": float(
+                spearman_columns(value.T.double(), reference.T.double()).nanmean()
+            ),
+            "fit_s": timings[name][0],
+            "score_s": timings[name][1],
+        }
+        if loo is not None:
+            if loo_changes is None:
+                base = query_losses(model, query)
+                result, loo_changes = influence.evaluate_leave_one_out(
+                    value, loo[1], base, loo[0]
+                )
+            else:
+                result = influence.leave_one_out_correlation(value, loo[0], loo_changes)
+            row.update(
+                loo_pearson=result.pearson,
+                loo_spearman=result.spearman,
+                loo_pooled=result.pooled_pearson,
+            )
+        rows[name] = row
+    print(
+        f"LDS ground truth: {n_lds} subsets × 2 seeds retrained in {lds_seconds:.0f}s; "
+        f"seed-to-seed Spearman {truth.seed_to_seed:.2f}"
     )
-    print(header)
-    for name, row in methods.items():
-        print(
-            f"| {name} | {row['loo_pearson']:.2f} | {row['loo_spearman']:.2f} "
-            f"| {row['loo_pooled_pearson']:.2f} | "
-            f"{row['lds']:.2f} | {row['vs_block_ggn_pearson']:.2f} / "
-            f"{row['vs_block_ggn_spearman']:.2f} | "
-            f"{row['fit_s']:.2f} | {row['score_s']:.2f} |"
-        )
-    ours_name, theirs_name = (
-        "secondorder ekfac, empirical Fisher",
-        "kronfluence ekfac, empirical Fisher",
+    loo_header = " LOO Pearson | LOO Spearman |" if loo is not None else ""
+    print(
+        f"| method | LDS (mean) | LDS seed 0 / seed 1 |{loo_header} vs block-GGN Spearman "
+        f"| fit s | score s |"
     )
-    if theirs_name in scores:
-        difference = float(
-            (scores[ours_name] - scores[theirs_name]).norm() / scores[theirs_name].norm()
-        )
-        ratio = (methods[ours_name]["fit_s"] + methods[ours_name]["score_s"]) / (
-            methods[theirs_name]["fit_s"] + methods[theirs_name]["score_s"]
+    print("|---" * (6 + (2 if loo is not None else 0)) + "|")
+    for name, row in rows.items():
+        loo_cells = (
+            f" {row['loo_pearson']:.2f} | {row['loo_spearman']:.2f} |" if loo is not None else ""
         )
         print(
-            f"ekfac vs kronfluence (empirical Fisher, float64): "
-            f"relative difference {difference:.1e}, "
-            f"wall-time ratio (fit + score) {ratio:.2f}"
+            f"| {name} | {row['lds']:.3f} | {row['lds_seed0']:.3f} / {row['lds_seed1']:.3f} |"
+            f"{loo_cells} {row['vs_block_ggn_spearman']:.2f} | {row['fit_s']:.2f} "
+            f"| {row['score_s']:.2f} |",
+            flush=True,
         )
-        methods["_comparison"] = {"relative_difference": difference, "wall_time_ratio": ratio}
-    summary = {
-        "train_ce": train_ce,
-        "query_ce": query_ce,
+    sweep_table = damping_sweep(model, train_data, query, truth) if sweep else None
+    return {
+        "damping_sweep": sweep_table,
+        "dataset": dataset,
         "n_train": n_train,
-        "n_queries": len(query[0]),
-        "n_loo": len(removed),
+        "n_queries": n_query,
         "n_lds": n_lds,
-        "methods": methods,
+        "lds_seeds": 2,
+        "seed_to_seed": truth.seed_to_seed,
+        "train_ce": train_ce,
+        "methods": rows,
     }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["breast_cancer", "digits"])
+    parser.add_argument("--lds", type=int, default=40, help="LDS subsets (each retrained twice)")
+    parser.add_argument("--loo", type=int, default=0, help="leave-one-out retrains (slow)")
+    parser.add_argument("--kronfluence", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="LDS against the damping")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = [
+        run_dataset(dataset, args.lds, args.loo, args.kronfluence, args.sweep)
+        for dataset in args.datasets
+    ]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-    return summary
+            json.dump(results, handle, indent=2)
+    return results
 
 
 if __name__ == "__main__":

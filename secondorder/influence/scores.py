@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor
+from secondorder.influence.contraction import PreparedQuery, low_rank_factors
 from secondorder.influence.collect import (
     LayerRecorder,
     LayerRows,
@@ -50,7 +51,6 @@ from secondorder.influence.sharding import influence_distributor
 from secondorder.influence.statistics import LayerPreconditioner, per_example_gradients
 from secondorder.influence.task import InfluenceTask
 from secondorder.optimizers.validation import check_int
-from secondorder.precond.linalg import randomized_low_rank
 
 __all__ = [
     "InfluenceScores",
@@ -127,39 +127,6 @@ class InfluenceScores:
         )
 
 
-def low_rank_factors(
-    matrices: Tensor, rank: int, *, full_svd: bool = False, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Rank-``k`` factorisation ``M ≈ L Rᵀ`` of a batch of matrices by SVD.
-
-    Args:
-        matrices: ``(..., m, n)``.
-        rank: ``k``; clipped to ``min(m, n)``.
-        full_svd: exact ``torch.linalg.svd`` instead of the randomised one
-            (Halko et al. 2011, :func:`secondorder.precond.linalg.randomized_low_rank`).
-        generator: randomness of the randomised SVD (a CPU generator; the randomised SVD
-            runs on the CPU and its factors are moved back to ``matrices.device``).
-
-    Returns:
-        ``(L (..., m, k) = U·diag(s), R (..., n, k) = V)``.
-    """
-    rank = min(rank, matrices.shape[-1], matrices.shape[-2])
-    if full_svd or rank == min(matrices.shape[-2:]):
-        u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-        return u[..., :rank] * s[..., None, :rank], vh[..., :rank, :].transpose(-1, -2)
-    batch_shape = matrices.shape[:-2]
-    flat = matrices.reshape(-1, *matrices.shape[-2:])
-    lefts, rights = [], []
-    for matrix in flat.cpu():  # the generator is a CPU one; the matrices are small
-        u, s, v = randomized_low_rank(matrix, rank, generator=generator, power_iterations=4)
-        lefts.append(u * s)
-        rights.append(v)
-    return (
-        torch.stack(lefts).reshape(*batch_shape, -1, rank).to(matrices.device),
-        torch.stack(rights).reshape(*batch_shape, -1, rank).to(matrices.device),
-    )
-
-
 def _check_layers(recorder: LayerRecorder, factors: InfluenceFactors) -> None:
     missing = [name for name in recorder.names if name not in factors.layers]
     if missing:
@@ -215,34 +182,6 @@ def _pad_cat(parts: list[Tensor], dim: int) -> Tensor:
         longest = max(part.shape[-1] for part in parts)
         parts = [torch.nn.functional.pad(part, (0, longest - part.shape[-1])) for part in parts]
     return torch.cat(parts, dim=dim)
-
-
-class _Query:
-    """Preconditioned (possibly low-rank) query gradients of one layer: ``(Q, groups, o, i)``."""
-
-    def __init__(self, preconditioned: Tensor, rank: int | None, full_svd: bool, generator) -> None:
-        self.full = None
-        self.left = self.right = None
-        if rank is None:
-            self.full = preconditioned
-        else:
-            self.left, self.right = low_rank_factors(
-                preconditioned, rank, full_svd=full_svd, generator=generator
-            )
-
-    def scores(self, rows: LayerRows, per_token: bool) -> tuple[Tensor, Tensor | None]:
-        """``(Q, N)`` scores and, when ``per_token``, ``(Q, N, T)`` against training rows."""
-        a, g = rows.grouped()
-        if self.full is not None:
-            if per_token:
-                tokens = torch.einsum("qgoi,ntgi,ntgo->qnt", self.full, a, g)
-                return tokens.sum(-1), tokens
-            gradients = per_example_gradients(rows)  # (N, groups, o, i)
-            return self.full.flatten(1) @ gradients.flatten(1).transpose(0, 1), None
-        grads_left = torch.einsum("ntgo,qgok->qntgk", g, self.left)
-        inputs_right = torch.einsum("ntgi,qgik->qntgk", a, self.right)
-        tokens = (grads_left * inputs_right).sum(dim=(3, 4))
-        return tokens.sum(-1), tokens if per_token else None
 
 
 def compute_pairwise_scores(
@@ -309,8 +248,10 @@ def compute_pairwise_scores(
         ):
             measured = recorder.measurement_pass(query_batch)
             prepared = {
-                name: _Query(
-                    preconditioners[name].apply(per_example_gradients(rows)),
+                name: PreparedQuery(
+                    preconditioners[name],
+                    rows,
+                    len(local_trains),
                     low_rank,
                     full_svd,
                     generator,

@@ -44,6 +44,7 @@ __all__ = [
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 HEURISTIC_DAMPING_SCALE = 0.1
+_CHUNK_ELEMENTS = 1 << 24  # bound on the elements of one temporary of the correction
 
 
 def per_example_gradients(rows: LayerRows, dtype: torch.dtype | None = None) -> Tensor:
@@ -78,6 +79,23 @@ def lambda_sums(
     ``None`` bases are the identity (the ``diagonal`` strategy; an embedding's input basis).
     """
     layer = rows.layer
+    if gradient_basis is not None and activation_basis is not None:
+        a, g = rows.grouped(dtype)
+        _, positions, groups, d_out = g.shape
+        d_in = a.shape[-1]
+        # rotating T rows costs T·(d_out² + d_in'²) per example, rotating the formed gradient
+        # d_out·d_in'·(d_out + d_in'): wide conv layers with many locations prefer the latter
+        if positions * (d_out * d_out + d_in * d_in) > d_out * d_in * (d_out + d_in):
+            basis_s = gradient_basis.to(dtype).transpose(-1, -2)
+            basis_a = activation_basis.to(dtype)
+            chunk = max(1, _CHUNK_ELEMENTS // max(groups * d_out * max(d_in, positions), 1))
+            total = torch.zeros(groups, d_out, d_in, dtype=dtype, device=g.device)
+            for start in range(0, g.shape[0], chunk):
+                matrices = torch.einsum(
+                    "ntgo,ntgi->ngoi", g[start : start + chunk], a[start : start + chunk]
+                )
+                total += ((basis_s @ matrices @ basis_a) ** 2).sum(0)
+            return total
     if gradient_basis is None:
         eye = torch.eye(layer.out_features, dtype=dtype, device=rows.stats.output_grads.device)
         gradient_basis = eye.expand(layer.groups, -1, -1)

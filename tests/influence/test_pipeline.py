@@ -384,3 +384,28 @@ def test_model_and_grads_untouched():
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.fc1._forward_hooks and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_correction_from_cached_rows_equals_a_second_pass(fisher, monkeypatch):
+    import secondorder.influence.factors as factors_module
+
+    model, train, _ = oracle.make_problem(n_train=11)
+    task = influence.ClassificationTask()
+    fit = lambda: influence.fit_factors(  # noqa: E731
+        model, task, TensorDataset(*train), strategy="ekfac", fisher=fisher, batch_size=4,
+        progress=False,
+    )
+    cached = fit()
+    calls = []
+    original = factors_module.LayerRecorder.train_passes
+    monkeypatch.setattr(
+        factors_module.LayerRecorder,
+        "train_passes",
+        lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1],
+    )
+    monkeypatch.setattr(factors_module, "ROW_CACHE_BYTES", 0)  # no cache: two passes
+    recomputed = fit()
+    assert len(calls) == 2 * 3  # 3 batches per pass
+    for name in ("fc1", "fc2"):
+        torch.testing.assert_close(cached.layers[name]["lambda"], recomputed.layers[name]["lambda"])
