@@ -25,10 +25,12 @@ from secondorder.precond.fisher_diagonal import (
     fisher_diagonal,
     minmax_normalize,
 )
+from secondorder.precond.grafting import GRAFT_KINDS, adam_graft
 from secondorder.precond.kfac import statistics_dtype
 from secondorder.precond.linalg import NumericalWarning, bias_correction
 
 EMA_MODES = ("paper", "reference")
+NORMALIZATIONS = ("mean", "minmax")
 UNSUPPORTED_MODES = ("adam", "identity")
 
 
@@ -132,6 +134,8 @@ class AdaFisher(CapturingOptimizer):
         eps: float = 1e-8,
         loss_reduction: str = "mean",
         distributor: Distributor | bool | None = None,
+        normalization: str = "mean",
+        graft: str = "adam",
     ) -> None:
         params, model = split_model_argument(params, model)
         check_real("lr", lr, low=0.0)
@@ -145,6 +149,8 @@ class AdaFisher(CapturingOptimizer):
         check_choice("unsupported", unsupported, UNSUPPORTED_MODES)
         check_real("eps", eps, low=0.0, low_inclusive=False)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("graft", graft, GRAFT_KINDS)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -156,6 +162,8 @@ class AdaFisher(CapturingOptimizer):
             minmax_eps=minmax_eps,
             unsupported=unsupported,
             eps=eps,
+            normalization=normalization,
+            graft=graft,
         )
         super().__init__(params, defaults)
         self._init_capture(model, loss_reduction, distributor)
@@ -240,7 +248,11 @@ class AdaFisher(CapturingOptimizer):
         Done once per refresh, so steps in between cost one outer product per layer.
         """
         h, s = state["activation_diagonal"], state["gradient_diagonal"]
-        if group["ema"] == "paper":
+        if group["ema"] == "paper" and group.get("normalization", "minmax") == "mean":
+            # Each factor divided by its mean: mean(F̃ − λ) = 1, so λ is relative damping.
+            h = h / h.mean().clamp_min(1e-30)
+            s = s / s.mean().clamp_min(1e-30)
+        elif group["ema"] == "paper":
             h = minmax_normalize(h, group["minmax_eps"])
             s = minmax_normalize(s, group["minmax_eps"])
         state["fisher_activation"], state["fisher_gradient"] = h.clone(), s.clone()
@@ -296,9 +308,13 @@ class AdaFisher(CapturingOptimizer):
             update = self._adam_direction(state, grad, group, step)
         else:
             state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-            update = state["exp_avg"] / bias_correction(beta1, step)
+            filtered = state["exp_avg"] / bias_correction(beta1, step)
+            update = filtered
             if fisher is not None:
-                update = update / fisher
+                update = filtered / fisher
+                if group.get("graft", "none") == "adam":
+                    (update,) = adam_graft([state], [grad], [update], beta2=beta2,
+                                           eps=group["eps"], numerators=[filtered])
         self._apply(param, update, group, self.decoupled_weight_decay)
 
 

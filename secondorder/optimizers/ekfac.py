@@ -22,6 +22,14 @@ from secondorder.optimizers.base import ParamsT, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.capture import CapturedLayer, LayerStats
+from secondorder.precond.eigen_step import (
+    CORRECTION_ESTIMATORS,
+    DAMPING_RULES,
+    eigenbasis_direction,
+    fold_batch_correction,
+    rescale_restart,
+)
+from secondorder.precond.grafting import GRAFT_KINDS, adam_graft
 from secondorder.precond.kfac import (
     KroneckerEigenbasis,
     eigenvalue_correction,
@@ -126,6 +134,10 @@ class EKFAC(CapturingOptimizer):
         precondition_frequency: int = 100,
         loss_reduction: str = "mean",
         distributor: Distributor | bool | None = None,
+        damping_rule: str = "relative",
+        power: float = 1.0,
+        correction: str = "batch",
+        graft: str = "adam",
     ) -> None:
         params, model = split_model_argument(params, model)
         check_real("lr", lr, low=0.0)
@@ -141,6 +153,10 @@ class EKFAC(CapturingOptimizer):
         check_int("correction_every", correction_every, low=1)
         check_int("precondition_frequency", precondition_frequency, low=1)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        check_choice("damping_rule", damping_rule, DAMPING_RULES)
+        check_real("power", power, low=0.0, high=1.0, low_inclusive=False)
+        check_choice("correction", correction, CORRECTION_ESTIMATORS)
+        check_choice("graft", graft, GRAFT_KINDS)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -153,6 +169,10 @@ class EKFAC(CapturingOptimizer):
             stats_every=stats_every,
             correction_every=correction_every,
             precondition_frequency=precondition_frequency,
+            damping_rule=damping_rule,
+            power=power,
+            correction=correction,
+            graft=graft,
         )
         super().__init__(params, defaults)
         self._init_capture(model, loss_reduction, distributor)
@@ -162,6 +182,8 @@ class EKFAC(CapturingOptimizer):
 
     # ------------------------------------------------------------------ schedules
     def _stats_due(self, group: dict[str, Any], step: int) -> bool:
+        if group["correction"] == "batch":  # the correction comes from .grad, not the capture
+            return (step - 1) % group["stats_every"] == 0
         return (step - 1) % group["stats_every"] == 0 or (step - 1) % group["correction_every"] == 0
 
     # ------------------------------------------------------------------ public helpers
@@ -243,9 +265,12 @@ class EKFAC(CapturingOptimizer):
             kl_terms = []
             for layer, group, step in jobs:
                 state = self.state[layer.weight]
+                if layer in stats:
+                    state["correction_examples"] = stats[layer].num_examples
                 if (
                     "correction" in state
                     and layer in stats
+                    and group["correction"] == "per_example"
                     and (step - 1) % group["correction_every"] == 0
                 ):
                     self._fold_correction(layer, state, stats[layer], group)
@@ -267,9 +292,10 @@ class EKFAC(CapturingOptimizer):
                             )
                     continue
                 matrix = self._gradient_matrix(layer, grad_w, grad_b, groups, dtype)
-                basis = self.eigenbasis(layer.weight)
-                preconditioned = basis.precondition(matrix, group["damping"])
+                preconditioned = self._direction(state, matrix, group)
                 weight_part, bias_part = layer.split_matrix(preconditioned)
+                if group["graft"] == "adam":
+                    weight_part, bias_part = self._graft(layer, group, weight_part, bias_part)
                 if group["kl_clip"] is not None:
                     kl_terms.append((group, (preconditioned * matrix).sum() * group["lr"] ** 2))
                 if grad_w is not None:
@@ -299,6 +325,46 @@ class EKFAC(CapturingOptimizer):
         return loss
 
     # ------------------------------------------------------------------ pieces
+    def _direction(self, state: dict, matrix: Tensor, group: dict) -> Tensor:
+        """``Q_G [X ⊘ (Λ + λ_eff)^p] Q_Aᵀ`` with ``X = Q_Gᵀ Ḡ Q_A`` (eigen_step docs); the
+        ``batch`` correction folds ``N·X²`` into ``Λ`` first."""
+        basis = KroneckerEigenbasis(
+            gradient_basis=state["gradient_basis"],
+            gradient_eigenvalues=state["gradient_eigenvalues"],
+            activation_basis=state.get("activation_basis"),
+            activation_eigenvalues=state["activation_eigenvalues"],
+            correction=state["correction"],
+        )
+        projected = basis.project(matrix)
+        if group["correction"] == "batch":
+            fold_batch_correction(
+                state["correction"], projected, state.get("correction_examples", 1),
+                group["stat_decay"],
+            )
+        return basis.unproject(
+            eigenbasis_direction(
+                projected, state["correction"], group["damping"], group["damping_rule"],
+                group["power"],
+            )
+        )
+
+    def _graft(self, layer: CapturedLayer, group: dict, weight_part: Tensor,
+               bias_part: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Rescale the layer's direction to Adam's norm (:mod:`secondorder.precond.grafting`)."""
+        params, parts = [], []
+        for param, part in ((layer.weight, weight_part), (layer.bias, bias_part)):
+            if param is not None and param.grad is not None and part is not None:
+                params.append(param)
+                parts.append(part)
+        grafted = adam_graft(
+            [self.state[p] for p in params], [p.grad for p in params], parts,
+            beta2=group["betas"][1], eps=group["eps"],
+        )
+        by_param = {id(p): d for p, d in zip(params, grafted, strict=True)}
+        return by_param.get(id(layer.weight), weight_part), (
+            None if layer.bias is None else by_param.get(id(layer.bias), bias_part)
+        )
+
     def _fallback(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """Adam direction for ``param`` (advances its step counter)."""
         state = self.state[param]
@@ -378,7 +444,9 @@ class EKFAC(CapturingOptimizer):
             else:
                 state["activation_eigenvalues"] = torch.stack([p[0] for p in pieces[groups:]])
                 state["activation_basis"] = torch.stack([p[1] for p in pieces[groups:]])
-            state["correction"] = self.eigenbasis(layer.weight).kfac_eigenvalues()
+            state["correction"] = rescale_restart(
+                self.eigenbasis(layer.weight).kfac_eigenvalues(), state.get("correction")
+            )
 
     def _fold_correction(
         self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict

@@ -48,6 +48,7 @@ from secondorder.distributed.ownership import LayerOwnership
 from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, split_model_argument
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.capture import CapturedLayer, LayerCapture, LayerStats
+from secondorder.precond.grafting import GRAFT_KINDS, adam_graft
 from secondorder.precond.linalg import NumericalWarning
 from secondorder.precond.structured import StructuredMatrix, get_structure
 from secondorder.precond.structured.ingd import (
@@ -161,6 +162,7 @@ class SINGD(SecondOrderOptimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         warn_unsupported: bool = True,
         distributor: Distributor | bool | None = None,
+        graft: str = "adam",
     ) -> None:
         params, model = split_model_argument(params, model)
         if model is None:
@@ -185,6 +187,7 @@ class SINGD(SecondOrderOptimizer):
             preconditioner_dtype=preconditioner_dtype,
             fallback_betas=fallback_betas,
             fallback_eps=fallback_eps,
+            graft=graft,
         )
         self._model = model
         super().__init__(params, defaults)
@@ -223,6 +226,7 @@ class SINGD(SecondOrderOptimizer):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: {group[flag]!r} (expected a bool)")
         check_choice("kfac_approx", group["kfac_approx"], ("expand", "reduce"))
+        check_choice("graft", group["graft"], GRAFT_KINDS)
         structures = group["structures"]
         if isinstance(structures, str):
             structures = (structures, structures)
@@ -465,6 +469,8 @@ class SINGD(SecondOrderOptimizer):
         weight_nat, bias_nat = layer.split_matrix(
             natural_gradient(K, C, matrix).reshape(layer.groups, -1, dim_K)
         )
+        if group["graft"] == "adam":
+            weight_nat, bias_nat = self._graft(layer, group, weight_nat, bias_nat, inv_scale)
         for param, direction in ((layer.weight, weight_nat), (layer.bias, bias_nat)):
             if param is None or param.grad is None:
                 continue
@@ -483,6 +489,24 @@ class SINGD(SecondOrderOptimizer):
                 direction = buffer
             param.add_(direction.to(param.dtype), alpha=-group["lr"])
         state["step"] += 1
+
+    def _graft(self, layer: CapturedLayer, group: dict[str, Any], weight_nat: Tensor,
+               bias_nat: Tensor | None, inv_scale: float) -> tuple[Tensor, Tensor | None]:
+        """Adam's per-layer norm (:mod:`secondorder.precond.grafting`), times ``1 − α₂`` so
+        that the heavy-ball sum ``buf ← α₂·buf + d`` takes Adam-sized steps."""
+        params, parts = [], []
+        for param, part in ((layer.weight, weight_nat), (layer.bias, bias_nat)):
+            if param is not None and param.grad is not None and part is not None:
+                params.append(param)
+                parts.append(part.reshape(param.shape))
+        grads = [p.grad * inv_scale if inv_scale != 1.0 else p.grad for p in params]
+        beta2 = group["fallback_betas"][1]
+        grafted = adam_graft([self.state[p] for p in params], grads, parts, beta2=beta2,
+                             eps=group["fallback_eps"] or 1e-8)
+        factor = 1.0 - group["momentum"]
+        by_param = {id(p): d * factor for p, d in zip(params, grafted, strict=True)}
+        bias = None if bias_nat is None else by_param.get(id(layer.bias), bias_nat)
+        return by_param.get(id(layer.weight), weight_nat), bias
 
     def _update_factors(
         self,
