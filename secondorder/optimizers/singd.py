@@ -58,6 +58,7 @@ from secondorder.precond.structured.ingd import (
     natural_gradient,
     scaled_rows,
 )
+from secondorder.precond.structured.initial_scale import scale_to_statistics
 
 _DTYPES = {
     "float64": torch.float64,
@@ -219,7 +220,8 @@ class SINGD(SecondOrderOptimizer):
         check_real("weight_decay", group["weight_decay"], low=0.0)
         check_int("T", group["T"], low=1)
         check_real("lr_cov", group["lr_cov"], low=0.0)
-        check_real("init_scale", group["init_scale"], low=0.0, low_inclusive=False)
+        if group["init_scale"] != "auto":
+            check_real("init_scale", group["init_scale"], low=0.0, low_inclusive=False)
         check_real("fallback_eps", group["fallback_eps"], low=0.0)
         group["fallback_betas"] = check_betas("fallback_betas", group["fallback_betas"])
         for flag in ("kfac_like", "normalize_lr_cov"):
@@ -320,12 +322,9 @@ class SINGD(SecondOrderOptimizer):
             dtype, device = self._factor_dtype(group, layer.weight), layer.weight.device
             state["step"] = torch.zeros((), dtype=torch.int64)
             state["numerical_skips"] = torch.zeros((), dtype=torch.int64)
-            state["K"] = K_cls.eye(
-                dim_K, dtype=dtype, device=device, scale=group["init_scale"]
-            ).data
-            state["C"] = C_cls.eye(
-                dim_C, dtype=dtype, device=device, scale=group["init_scale"]
-            ).data
+            scale = 1.0 if group["init_scale"] == "auto" else group["init_scale"]
+            state["K"] = K_cls.eye(dim_K, dtype=dtype, device=device, scale=scale).data
+            state["C"] = C_cls.eye(dim_C, dtype=dtype, device=device, scale=scale).data
         return state
 
     def factors(self, weight: Tensor) -> tuple[StructuredMatrix, StructuredMatrix]:
@@ -531,6 +530,9 @@ class SINGD(SecondOrderOptimizer):
         )
         if capture_scale != 1.0:
             rows_C = rows_C / capture_scale
+        if group["init_scale"] == "auto" and "scaled_to_statistics" not in state:
+            scale_to_statistics(K, C, rows_K, rows_C, group["damping"])
+            state["scaled_to_statistics"] = torch.ones((), dtype=torch.int64)
         alpha1 = group["alpha1"]
         hyper = FactorUpdate(
             damping=group["damping"],
