@@ -253,11 +253,19 @@ register(RaceEntry(
 
 register(RaceEntry(
     "EKFAC", "secondorder:EKFAC", pass_model=True,
+    hyper={"*": dict(lr=3e-3, weight_decay=1e-4)},
+    note="the constructor's defaults (issue 14 variant: relative damping 0.1·mean(Λ), power 1/2, "
+         "batch-gradient correction, Adam-norm grafting; factors every 10 steps, bases every 100); "
+         "lr best of {1, 3}e-3 on quick W2 (benchmarks/defaults_race.py)",
+))
+
+register(RaceEntry(
+    "EKFAC-paper", "secondorder:EKFAC", pass_model=True,
     hyper={"*": dict(lr=1e-3, betas=(0.9, 0.999), damping=1e-3, weight_decay=1e-4, stats_every=10,
-                     correction_every=2, precondition_frequency=100)},
-    note="empirical-Fisher EK-FAC: factors every 10 steps, correction every 2, eigenbases every "
-         "100; "
-         "Adam fallback outside Linear/Conv2d/Embedding",
+                     correction_every=2, precondition_frequency=100, damping_rule="absolute",
+                     power=1.0, correction="per_example", graft="none")},
+    note="George et al. 2018 as published: absolute damping, power 1, per-example correction "
+         "every 2 steps, no grafting (the issue-14 baseline)",
 ))
 
 register(RaceEntry(

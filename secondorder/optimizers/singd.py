@@ -108,7 +108,9 @@ class SINGD(SecondOrderOptimizer):
             ``"triltoeplitz"``, ``"triutoeplitz"``, any ``"block<b>diagonal"`` /
             ``"hierarchical<k1>_<k2>"``).
         kfac_like: IKFAC update (no Riemannian momentum, no trace coupling).
-        init_scale: ``K₀ = C₀ = init_scale · I`` (1 matches singd).
+        init_scale: ``K₀ = C₀ = init_scale · I`` (1 matches singd), or ``"auto"`` (default):
+            ``K₀ = (tr̄(U) + √λ)^{-1/2} I``, ``C₀`` likewise from ``G``, at the first update
+            (:mod:`secondorder.precond.structured.initial_scale`).
         normalize_lr_cov: normalised factor steps, ``β₁ / max(1, max|m|)`` and ``½(1 − α₁)``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Eschenhagen et al.
             2023).
@@ -129,6 +131,19 @@ class SINGD(SecondOrderOptimizer):
             for FSDP2 (``fully_shard``) models: each owner preconditions its layers whole, on
             a full copy of their parameters and gradients gathered for the step (the same
             result as DDP; :mod:`secondorder.distributed.ownership`, "FSDP2").
+        graft: ``"adam"`` (default) rescales each layer's natural gradient to Adam's norm
+            times ``1 − momentum`` before the heavy-ball sum, so ``lr`` means Adam's lr
+            (:mod:`secondorder.precond.grafting`); ``"none"``: singd's step.
+
+    **Defaults: a documented variant** (issue 14, ``benchmarks/defaults_race.py``). singd
+    0.0.5's algorithm is ``SINGD(..., init_scale=1.0, graft="none")`` and is what the
+    agreement tests pin. At those settings a transformer whose loss is a mean over examples ×
+    tokens, read with ``loss_average="batch"``, has ``G`` ~10⁴× under the identity, so at
+    ``lr_cov=1e-2``, ``T=10`` the factors stay ≈ I for hundreds of steps and the method runs
+    as SGD at ``lr``, with the Adam fallback at the same ``lr`` for everything else. The
+    defaults start the factors at the statistics' scale (``init_scale="auto"``) and graft
+    the step to Adam's norm (``graft="adam"``). For a loss averaged over tokens pass
+    ``loss_average="batch+sequence"`` (measured better on the transformer).
 
     State per tracked layer, in ``state[layer.weight]``: ``K``, ``C`` (and ``m_K``, ``m_C`` when
     α₁ ≠ 0) as flat tensors of the structures' ``numel``; ``step`` and ``numerical_skips``
@@ -153,7 +168,7 @@ class SINGD(SecondOrderOptimizer):
         lr_cov: float = 1e-2,
         structures: tuple[str, str] | str = ("dense", "dense"),
         kfac_like: bool = False,
-        init_scale: float = 1.0,
+        init_scale: float | str = "auto",
         normalize_lr_cov: bool = False,
         kfac_approx: str = "expand",
         loss_average: str | None = "batch",

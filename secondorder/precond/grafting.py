@@ -70,7 +70,8 @@ def adam_graft(
     numerators = grads if numerators is None else numerators
     for state, grad, direction, numerator in zip(states, grads, directions, numerators,
                                                   strict=True):
-        grad = grad.to(direction.dtype)
+        work = torch.promote_types(direction.dtype, torch.float32)  # fp32 state for half types
+        grad = grad.to(work)
         if _SECOND_MOMENT not in state:
             state[_SECOND_MOMENT] = torch.zeros_like(grad)
             state[_STEP] = torch.zeros((), dtype=torch.int64, device=grad.device)
@@ -80,8 +81,8 @@ def adam_graft(
         # Bias correction as a tensor: no host synchronisation on accelerators.
         correction = 1 - torch.pow(beta2, state[_STEP].to(second.dtype))
         denominator = (second / correction).sqrt_().add_(eps)
-        adam_sq.append(((numerator.to(direction.dtype) / denominator) ** 2).sum())
-        direction_sq.append((direction * direction).sum())
+        adam_sq.append(((numerator.to(work) / denominator) ** 2).sum())
+        direction_sq.append((direction.to(work) ** 2).sum())
     scale = torch.stack(adam_sq).sum().sqrt() / (torch.stack(direction_sq).sum().sqrt() + 1e-16)
-    return [direction * scale for direction in directions]
+    return [(direction * scale).to(direction.dtype) for direction in directions]
 

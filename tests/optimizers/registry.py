@@ -211,9 +211,12 @@ for _name in ("AdaFisher", "AdaFisherW"):
                 ({"minmax_eps": 0.0}, "minmax_eps"),
                 ({"unsupported": "skip"}, "unsupported"),
                 ({"model": "not a module"}, "model"),
+                ({"normalization": "max"}, "normalization"),
+                ({"graft": "sgd"}, "graft"),
+                ({"power": 0.0}, "power"),
             ),
             momentum_key="betas",
-            lr=1e-3,  # F̃ ≥ λ = 1e-3 makes steps up to η/λ times the momentum
+            lr=1e-2,  # Adam-norm grafting (the default): an Adam-sized lr
         )
     )
 

@@ -16,7 +16,7 @@ from tests.oracles import empirical_fisher, per_example_gradients
 
 # The paper's algorithm (George et al. 2018): absolute damping, per-example correction, no
 # grafting. The defaults are a documented variant (test_quality_defaults.py).
-PAPER = dict(damping_rule="absolute", correction="per_example", graft="none")
+PAPER = dict(damping_rule="absolute", power=1.0, correction="per_example", graft="none")
 
 
 def _ce_sum(out, y):

@@ -87,7 +87,7 @@ def _batch(n=6, seed=1):
 
 
 def test_ekfac_default_first_step_is_grafted_relative_damped_direction():
-    """Defaults: Δ = −lr·P·‖Adam‖/‖P‖ with P the paper's direction at λ = damping·mean(Λ)."""
+    """Defaults: Δ = −lr·P·‖Adam‖/‖P‖, P = Q[(QᵀḠQ)/√(Λ + 0.1·mean(Λ))]Qᵀ."""
     x, y = _batch()
     model = _mlp()
     optimizer = EKFAC(model, lr=0.1, betas=(0.0, 0.999), stat_decay=0.0, stats_every=1,
@@ -102,7 +102,9 @@ def test_ekfac_default_first_step_is_grafted_relative_damped_direction():
         grad_matrix = layer.gradient_matrix(grads[2 * index], grads[2 * index + 1])
         # Λ after the step holds the batch fold N·X² on top of the (ρ = 0) restart.
         damping = 0.1 * float(basis.correction.mean())
-        direction = basis.precondition(grad_matrix, damping)
+        direction = basis.unproject(
+            basis.project(grad_matrix) / (basis.correction + damping).sqrt()
+        )
         adam = torch.cat([(g / (g.abs() + 1e-8)).reshape(-1)
                           for g in grads[2 * index: 2 * index + 2]])
         expected = -0.1 * direction * adam.norm() / direction.norm()
