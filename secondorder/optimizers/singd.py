@@ -48,6 +48,7 @@ from secondorder.optimizers.base import ParamsT, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_choice, check_int, check_real
 from secondorder.precond.capture import DENSE_KINDS, CapturedLayer, LayerStats
+from secondorder.precond.grafting import GRAFT_KINDS, adam_graft
 from secondorder.precond.structured import StructuredMatrix, get_structure
 from secondorder.precond.structured.ingd import (
     FactorUpdate,
@@ -56,6 +57,7 @@ from secondorder.precond.structured.ingd import (
     natural_gradient,
     scaled_rows,
 )
+from secondorder.precond.structured.initial_scale import scale_to_statistics
 
 _DTYPES = {
     "float64": torch.float64,
@@ -105,7 +107,12 @@ class SINGD(CapturingOptimizer):
             ``"triltoeplitz"``, ``"triutoeplitz"``, any ``"block<b>diagonal"`` /
             ``"hierarchical<k1>_<k2>"``).
         kfac_like: IKFAC update (no Riemannian momentum, no trace coupling).
-        init_scale: ``K₀ = C₀ = init_scale · I`` (1 matches singd).
+        init_scale: ``K₀ = C₀ = init_scale · I`` (1 matches singd), or ``"auto"`` (default):
+            ``K₀ = (tr̄(U) + √λ)^{-1/2} I``, ``C₀`` likewise from ``G``, at the first update
+            (:mod:`secondorder.precond.structured.initial_scale`).
+        graft: ``"adam"`` (default) rescales each layer's natural gradient to Adam's norm
+            times ``1 − momentum`` before the heavy-ball sum, so ``lr`` means Adam's lr
+            (:mod:`secondorder.precond.grafting`); ``"none"``: singd's step.
         normalize_lr_cov: normalised factor steps, ``β₁ / max(1, max|m|)`` and ``½(1 − α₁)``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Eschenhagen et al.
             2023).
@@ -129,6 +136,16 @@ class SINGD(CapturingOptimizer):
             for FSDP2 (``fully_shard``) models: each owner preconditions its layers whole, on
             a full copy of their parameters and gradients gathered for the step (the same
             result as DDP; :mod:`secondorder.distributed.ownership`, "FSDP2").
+
+    **Defaults: a documented variant** (issue 14, ``benchmarks/defaults_race.py``). singd
+    0.0.5's algorithm is ``SINGD(..., init_scale=1.0, graft="none")`` and is what the
+    agreement tests pin. At those settings a transformer whose loss is a mean over examples ×
+    tokens, read with ``loss_average="batch"``, has ``G`` ~10⁴× under the identity, so at
+    ``lr_cov=1e-2``, ``T=10`` the factors stay ≈ I for hundreds of steps and the method runs
+    as SGD at ``lr``, with the Adam fallback at the same ``lr`` for everything else. The
+    defaults start the factors at the statistics' scale (``init_scale="auto"``) and graft
+    the step to Adam's norm (``graft="adam"``). For a loss averaged over tokens pass
+    ``loss_average="batch+sequence"`` (measured better on the transformer).
 
     State per tracked layer, in ``state[layer.weight]``: ``K``, ``C`` (and ``m_K``, ``m_C`` when
     α₁ ≠ 0) as flat tensors of the structures' ``numel``; ``step`` and ``numerical_failures``
@@ -159,7 +176,8 @@ class SINGD(CapturingOptimizer):
         lr_cov: float = 1e-2,
         structures: tuple[str, str] | str = ("dense", "dense"),
         kfac_like: bool = False,
-        init_scale: float = 1.0,
+        init_scale: float | str = "auto",
+        graft: str = "adam",
         normalize_lr_cov: bool = False,
         kfac_approx: str = "expand",
         loss_average: str | None = "batch",
@@ -181,7 +199,7 @@ class SINGD(CapturingOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             weight_decay_type=weight_decay_type, T=T, lr_cov=lr_cov, structures=structures,
-            kfac_like=kfac_like, init_scale=init_scale, normalize_lr_cov=normalize_lr_cov,
+            kfac_like=kfac_like, init_scale=init_scale, graft=graft, normalize_lr_cov=normalize_lr_cov,
             kfac_approx=kfac_approx, preconditioner_dtype=preconditioner_dtype,
             betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
         )
@@ -200,7 +218,9 @@ class SINGD(CapturingOptimizer):
         check_real("damping", group["damping"], low=0.0)
         check_int("T", group["T"], low=1)
         check_real("lr_cov", group["lr_cov"], low=0.0)
-        check_real("init_scale", group["init_scale"], low=0.0, low_inclusive=False)
+        if group["init_scale"] != "auto":
+            check_real("init_scale", group["init_scale"], low=0.0, low_inclusive=False)
+        check_choice("graft", group["graft"], GRAFT_KINDS)
         for flag in ("kfac_like", "normalize_lr_cov"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: {group[flag]!r} (expected a bool)")
@@ -250,8 +270,9 @@ class SINGD(CapturingOptimizer):
             K_cls, C_cls = self._structures(group)
             dim_K, dim_C = self._dims(layer)
             dtype, device = self._factor_dtype(group, layer.weight), layer.weight.device
-            state["K"] = K_cls.eye(dim_K, dtype=dtype, device=device, scale=group["init_scale"]).data
-            state["C"] = C_cls.eye(dim_C, dtype=dtype, device=device, scale=group["init_scale"]).data
+            scale = 1.0 if group["init_scale"] == "auto" else group["init_scale"]
+            state["K"] = K_cls.eye(dim_K, dtype=dtype, device=device, scale=scale).data
+            state["C"] = C_cls.eye(dim_C, dtype=dtype, device=device, scale=scale).data
         return state
 
     def factors(self, weight: Tensor) -> tuple[StructuredMatrix, StructuredMatrix]:
@@ -280,10 +301,28 @@ class SINGD(CapturingOptimizer):
             matrix = self.gradient_matrix(layer, groups, K.dtype).reshape(dim_C, dim_K)
             weight_nat, bias_nat = layer.split_matrix(
                 natural_gradient(K, C, matrix).reshape(layer.groups, -1, dim_K))
+            if group["graft"] == "adam":
+                weight_nat, bias_nat = self._graft(layer, group, weight_nat, bias_nat)
             for param, direction in ((layer.weight, weight_nat), (layer.bias, bias_nat)):
                 if param is not None and param.grad is not None:
                     directions.append((param, direction))
         return directions
+
+    def _graft(self, layer: CapturedLayer, group: dict[str, Any], weight_nat: Tensor,
+               bias_nat: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Adam's per-layer norm (:mod:`secondorder.precond.grafting`), times ``1 − α₂`` so
+        that the heavy-ball sum ``buf ← α₂·buf + d`` takes Adam-sized steps."""
+        params, parts = [], []
+        for param, part in ((layer.weight, weight_nat), (layer.bias, bias_nat)):
+            if param is not None and param.grad is not None and part is not None:
+                params.append(param)
+                parts.append(part.reshape(param.shape))
+        grafted = adam_graft([self.state[p] for p in params], [p.grad for p in params], parts,
+                             beta2=group["betas"][1], eps=group["eps"])
+        factor = 1.0 - group["momentum"]
+        by_param = {id(p): d * factor for p, d in zip(params, grafted, strict=True)}
+        bias = None if bias_nat is None else by_param.get(id(layer.bias), bias_nat)
+        return by_param.get(id(layer.weight), weight_nat), bias
 
     def _update_factors(self, layer: CapturedLayer, group: dict[str, Any], state: dict[str, Tensor],
                         K: StructuredMatrix, C: StructuredMatrix, stats: LayerStats) -> None:
@@ -300,6 +339,9 @@ class SINGD(CapturingOptimizer):
         with_momentum = alpha1 != 0.0 and not group["kfac_like"]
         m_K = type(K)(state["m_K"], K.dim) if with_momentum and "m_K" in state else None
         m_C = type(C)(state["m_C"], C.dim) if with_momentum and "m_C" in state else None
+        if group["init_scale"] == "auto" and "scaled_to_statistics" not in state:
+            scale_to_statistics(K, C, rows_K, rows_C, group["damping"])
+            state["scaled_to_statistics"] = torch.ones((), dtype=torch.int64)
         H_K, H_C = K.inner(rows_K.T), C.inner(rows_C.T)
         new_m_K, new_m_C, step_K, step_C = factor_steps(K, C, H_K, H_C, hyper, m_K, m_C)
         if not all_finite(new_m_K, new_m_C, step_K, step_C):

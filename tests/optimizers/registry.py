@@ -254,7 +254,7 @@ for _name, _twin in (("AdaFisher", "AdaFisherW"), ("AdaFisherW", "AdaFisher")):
             name=_name,
             cls_name=_name,
             family="capture",
-            fixed={"lr": 1e-3, "update_freq": 2},
+            fixed={"lr": 1e-2, "update_freq": 2},
             bad_arguments=(
                 ({"lr": -1.0}, "lr"),
                 ({"betas": (1.0, 0.9)}, "betas"),
@@ -265,13 +265,16 @@ for _name, _twin in (("AdaFisher", "AdaFisherW"), ("AdaFisherW", "AdaFisher")):
                 ({"ema": "convex"}, "ema"),
                 ({"minmax_eps": 0.0}, "minmax_eps"),
                 ({"unsupported": "skip"}, "unsupported"),
+                ({"normalization": "max"}, "normalization"),
+                ({"graft": "sgd"}, "graft"),
+                ({"power": 0.0}, "power"),
                 ({"model": "not a module"}, "model"),
             ),
             group_bad_values=(_BAD_LR, _BAD_BETAS, _BAD_DAMPING, _BAD_WEIGHT_DECAY,
                               ({"gamma": 1.0}, "gamma")),
             momentum_key="betas",
-            lr=1e-3,  # F̃ ≥ λ = 1e-3 makes steps up to η/λ times the momentum
-            common_keywords=dict(_CAPTURE_KEYWORDS, lr=1e-3),
+            lr=1e-2,  # Adam-norm grafting (the default): an Adam-sized lr
+            common_keywords=dict(_CAPTURE_KEYWORDS, lr=1e-2),
             config_twins=(_twin,),
         )
     )

@@ -14,6 +14,10 @@ from secondorder import EKFAC
 from secondorder.precond.linalg import NumericalWarning
 from tests.oracles import empirical_fisher, per_example_gradients
 
+# The paper's algorithm (George et al. 2018): absolute damping, per-example correction, no
+# grafting. The defaults are a documented variant (test_quality_defaults.py).
+PAPER = dict(damping_rule="absolute", power=1.0, correction="per_example", graft="none")
+
 
 def _ce_sum(out, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
@@ -41,7 +45,7 @@ def test_first_step_is_exact_ekfac_step():
     """stat_decay 0, β₁ 0: Λ = diag(QᵀEFQ) from dense per-example gradients; ΔW = −lr·P(Ḡ)."""
     model = _mlp()
     optimizer = EKFAC(
-        model, lr=0.1, betas=(0.0, 0.999), damping=1e-2, stat_decay=0.0, stats_every=1
+        model, **PAPER, lr=0.1, betas=(0.0, 0.999), damping=1e-2, stat_decay=0.0, stats_every=1
     )
     x, y = _batch()
     before = [p.detach().clone() for p in model.parameters()]
@@ -74,7 +78,7 @@ def test_to_dense_equals_precondition_of_identity_and_damped_inverse():
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)
     ).double()
-    optimizer = EKFAC(model, lr=0.01, damping=0.05, stats_every=1)
+    optimizer = EKFAC(model, **PAPER, lr=0.01, damping=0.05, stats_every=1)
     x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
     _step(model, optimizer, x, y)
@@ -94,7 +98,7 @@ def test_eigenbasis_export_round_trip():
     from secondorder.precond.kfac import KroneckerEigenbasis
 
     model = _mlp()
-    optimizer = EKFAC(model, lr=0.01, damping=0.1, stats_every=1)
+    optimizer = EKFAC(model, **PAPER, lr=0.01, damping=0.1, stats_every=1)
     x, y = _batch()
     for _ in range(2):
         _step(model, optimizer, x, y)
@@ -109,7 +113,7 @@ def test_eigenbasis_export_round_trip():
 
 def test_huge_damping_gives_gradient_over_damping():
     model = _mlp()
-    optimizer = EKFAC(model, lr=1.0, betas=(0.0, 0.999), damping=1e6, stats_every=1)
+    optimizer = EKFAC(model, **PAPER, lr=1.0, betas=(0.0, 0.999), damping=1e6, stats_every=1)
     x, y = _batch()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -125,7 +129,7 @@ def test_kl_clip_scales_the_step():
     for kl_clip in (None, 1e-8):
         model = _mlp()
         optimizer = EKFAC(
-            model, lr=0.1, betas=(0.0, 0.999), damping=1e-2, stats_every=1, kl_clip=kl_clip
+            model, **PAPER, lr=0.1, betas=(0.0, 0.999), damping=1e-2, stats_every=1, kl_clip=kl_clip
         )
         before = [p.detach().clone() for p in model.parameters()]
         model.zero_grad()
@@ -143,7 +147,7 @@ def test_kl_clip_scales_the_step():
 
 def test_recording_follows_the_schedule():
     model = _mlp()
-    optimizer = EKFAC(model, stats_every=3, correction_every=3, precondition_frequency=6)
+    optimizer = EKFAC(model, **PAPER, stats_every=3, correction_every=3, precondition_frequency=6)
     x, y = _batch()
     enabled = [optimizer.capture.enabled]
     for _ in range(7):
@@ -155,7 +159,7 @@ def test_recording_follows_the_schedule():
 
 def test_failed_eigh_keeps_basis_counts_and_warns(monkeypatch):
     model = _mlp()
-    optimizer = EKFAC(model, stats_every=1, precondition_frequency=1)
+    optimizer = EKFAC(model, **PAPER, stats_every=1, precondition_frequency=1)
     x, y = _batch()
     _step(model, optimizer, x, y)
     weight = model[0].weight

@@ -64,7 +64,8 @@ def train(model, opt, steps: int, seed0: int = 0, **batch_kwargs) -> list[float]
 def make(params, **kwargs) -> SINGD:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return SINGD(params, **{"lr": 0.05, "lr_cov": 5e-2, "T": 1, **kwargs})
+        return SINGD(params, **{"lr": 0.05, "lr_cov": 5e-2, "T": 1, "graft": "none",
+                              "init_scale": 1.0, **kwargs})
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

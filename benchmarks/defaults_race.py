@@ -1,0 +1,217 @@
+"""Race at constructor defaults: each optimizer with every argument at its default but ``lr``.
+
+    python -m benchmarks.defaults_race [--workloads mlp,cnn,lm] [--optimizers AdamW,EKFAC,...]
+                                       [--lr-mult 0.333,1,3] [--steps N] [--lm-size quick|full]
+                                       [--set NAME:key=value ...] [--out FILE]
+
+This is issue 14's acceptance protocol: a user swaps ``torch.optim.AdamW`` for one of ours
+and keeps everything else, so each optimizer is built with ``Class(model.parameters(),
+lr=m·default_lr[, model=model])`` for ``m`` in ``--lr-mult`` (default 1/3, 1, 3) and nothing
+else. AdamW is ``torch.optim.AdamW`` at its own defaults (lr 1e-3, weight decay 1e-2). Every
+run uses the same seed, initial weights and batches, and the workload's shared warm-up +
+cosine LR schedule (SANIA excepted: its step size comes from the loss).
+
+Per optimizer the best lr (lowest final held-out loss) is reported with: the held-out loss,
+the first evaluated step at which it reaches AdamW's (best-lr) final held-out loss, that
+step over AdamW's step count, the mean train-step time (forward + backward + step) and the
+mean ``step()`` time, both over AdamW's.
+
+Workloads (all on 1 thread):
+
+* ``mlp`` — W1: MLP 64-128-128-10 on standardised sklearn digits, batch 64, 300 steps;
+* ``cnn`` — a small CNN on digits as 1×8×8 images (conv 16 → conv 32 stride 2 → linear),
+  batch 64, 300 steps;
+* ``lm`` — W2: the byte-level transformer (``--lm-size quick``: d_model 64, context 64,
+  batch 16; ``full``: d_model 128, context 128, batch 32), 200 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.workloads import WORKLOADS, Task, evaluate, lr_factor
+
+# name -> (target, default lr, needs model=, closure-driven, uses the shared schedule, extra)
+OPTIMIZERS: dict[str, tuple[str, float, bool, bool, bool, dict[str, Any]]] = {
+    "AdamW": ("torch.optim:AdamW", 1e-3, False, False, True, {}),
+    "EKFAC": ("secondorder:EKFAC", 1e-3, True, False, True, {}),
+    "AdaFisher": ("secondorder:AdaFisher", 1e-3, True, False, True, {}),
+    "AdaFisherW": ("secondorder:AdaFisherW", 1e-3, True, False, True, {}),
+    "SINGD": ("secondorder:SINGD", 1e-3, True, False, True, {}),
+    "SINGD-diag": ("secondorder:SINGD", 1e-3, True, False, True, {"structures": "diagonal"}),
+    "SANIA": ("secondorder:SANIA", 1.0, False, True, False, {}),
+}
+
+
+class DigitsCNN(nn.Sequential):
+    """Conv(1→16, 3, pad 1) → ReLU → Conv(16→32, 3, stride 2, pad 1) → ReLU → Linear(512→10).
+
+    Input ``(batch, 1, 8, 8)``, output logits ``(batch, 10)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        )
+
+
+def cnn_task(steps: int | None) -> Task:
+    """The ``cnn`` workload: W1's digits reshaped to images, :class:`DigitsCNN`."""
+    task = WORKLOADS["W1"].setup(True, steps)
+    as_image = lambda x: x.reshape(-1, 1, 8, 8)  # noqa: E731
+    inner = task.train_batch
+
+    def train_batch(gen: torch.Generator):
+        x, y = inner(gen)
+        return as_image(x), y
+
+    task.make_model = DigitsCNN
+    task.train_batch = train_batch
+    task.eval_sets = {k: (as_image(x), y) for k, (x, y) in task.eval_sets.items()}
+    task.meta = dict(task.meta, model="DigitsCNN")
+    return task
+
+
+def make_task(workload: str, steps: int | None, lm_size: str) -> Task:
+    if workload == "mlp":
+        return WORKLOADS["W1"].setup(True, steps or 300)
+    if workload == "cnn":
+        return cnn_task(steps or 300)
+    if workload == "lm":
+        return WORKLOADS["W2"].setup(lm_size == "quick", steps or 200)
+    raise ValueError(f"Invalid workload: {workload!r} (known: mlp, cnn, lm)")
+
+
+def _target(spec: str):
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def run(task: Task, name: str, lr: float, extra: dict[str, Any], seed: int = 0) -> dict:
+    """Train ``name`` at ``lr`` (other arguments default, plus ``extra``); the run's figures."""
+    target, _, needs_model, closure_driven, scheduled, base_extra = OPTIMIZERS[name]
+    torch.manual_seed(seed)
+    model = task.make_model()
+    kwargs = dict(base_extra, **extra, lr=lr)
+    if needs_model:
+        kwargs["model"] = model
+    optimizer = _target(target)(model.parameters(), **kwargs)
+    scheduler = None
+    if scheduled:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, task.steps, task.warmup))
+    generator = torch.Generator().manual_seed(seed)
+    evals = [(0, evaluate(model, task)["test_loss"])]
+    train_s = step_s = 0.0
+    status = "ok"
+    for step in range(1, task.steps + 1):
+        inputs, targets = task.train_batch(generator)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model(inputs), targets)
+        loss.backward()
+        t1 = time.perf_counter()
+        if closure_driven:
+            optimizer.step(lambda loss=loss: loss)
+        else:
+            optimizer.step()
+        t2 = time.perf_counter()
+        train_s += t2 - t0
+        step_s += t2 - t1
+        if scheduler is not None:
+            scheduler.step()
+        if not math.isfinite(float(loss.detach())):
+            status = "diverged"
+            break
+        if step % task.eval_every == 0 or step == task.steps:
+            evals.append((step, evaluate(model, task)["test_loss"]))
+    final = evals[-1][1] if status == "ok" else math.inf
+    if not math.isfinite(final):
+        status, final = "diverged", math.inf
+    steps_done = max(1, step)
+    return dict(optimizer=name, lr=lr, status=status, final=final, evals=evals,
+                train_ms=1e3 * train_s / steps_done, step_ms=1e3 * step_s / steps_done)
+
+
+def reach_step(evals: list, target: float) -> int | None:
+    """First evaluated step whose held-out loss is at most ``target``."""
+    for step, value in evals:
+        if step > 0 and value <= target:
+            return step
+    return None
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``NAME:key=value`` (value parsed as JSON when possible) -> {NAME: {key: value}}."""
+    result: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, _, assignment = item.partition(":")
+        key, _, value = assignment.partition("=")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        result.setdefault(name, {})[key] = parsed
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default="mlp,cnn,lm")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--lr-mult", default="0.3333333,1,3")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--lm-size", default="quick", choices=("quick", "full"))
+    parser.add_argument("--set", action="append", default=[],
+                        help="NAME:key=value constructor override (experiments only)")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    overrides = parse_sets(args.set)
+    multipliers = [float(m) for m in args.lr_mult.split(",")]
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    if "AdamW" not in names:
+        names = ["AdamW"] + names
+    results: dict[str, Any] = {}
+    for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+        task = make_task(workload, args.steps, args.lm_size)
+        rows: dict[str, dict] = {}
+        for name in names:
+            default_lr = OPTIMIZERS[name][1]
+            runs = [run(task, name, m * default_lr, overrides.get(name, {})) for m in multipliers]
+            for r in runs:
+                print(f"  {workload} {name} lr={r['lr']:.3g}: {r['status']} held-out "
+                      f"{r['final']:.4f} train {r['train_ms']:.1f} ms step {r['step_ms']:.2f} ms",
+                      flush=True)
+            rows[name] = min(runs, key=lambda r: r["final"])
+        base = rows["AdamW"]
+        print(f"\n{workload} ({task.meta['model']}, {task.steps} steps); AdamW best lr "
+              f"{base['lr']:.3g}, final held-out {base['final']:.4f}")
+        print("| optimizer | best lr | held-out | steps to AdamW's final | ratio | "
+              "train-step × AdamW | step() × AdamW |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            reached = reach_step(r["evals"], base["final"])
+            ratio = "—" if reached is None else f"{reached / task.steps:.2f}"
+            print(f"| {name} | {r['lr']:.3g} | {r['final']:.4f} | {reached or 'never'} | "
+                  f"{ratio} | {r['train_ms'] / base['train_ms']:.2f} | "
+                  f"{r['step_ms'] / base['step_ms']:.1f} |", flush=True)
+        results[workload] = rows
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Learning-rate grafting onto Adam's per-layer step norm (Agarwal et al. 2020).
+
+"Disentangling Adaptive Gradient Methods from Learning Rates" (Agarwal, Anil, Hazan, Koren,
+Zhang; arXiv 2002.11803): take the *direction* of one method and the *step length* of
+another. Here the direction ``P`` is a curvature method's preconditioned gradient (EK-FAC,
+AdaFisher, SINGD) and the length is Adam's for the same layer::
+
+    v ← β₂ v + (1 − β₂) ḡ ⊙ ḡ                         (per parameter of the layer)
+    D = ḡ / (√(v / (1 − β₂ᵗ)) + ε)                     Adam's direction without momentum
+    P ← P · ‖D‖_F / (‖P‖_F + 1e-16)                   norms over the layer's weight and bias
+
+Why the curvature optimizers use it by default (issue 14): their preconditioners carry the
+scale of the curvature statistics, which moves by orders of magnitude with how the loss is
+reduced (mean over examples or over examples × tokens), with damping, and with a
+normalisation (AdaFisher's min-max). At ``lr = 1e-3`` one method then takes SGD-sized steps
+and another diverges, so "the default lr" means nothing across workloads. Grafting keeps the
+curvature's direction (what these methods claim to improve) and makes ``lr`` mean what it
+means for Adam, per layer, so the defaults carry over from AdamW. Momentum is applied by the
+caller *after* grafting, so the momentum-filtered step has Adam's scale as well.
+
+Everything stays on the device: the scale is a 0-d tensor (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["GRAFT_KINDS", "adam_graft", "graft_state_keys"]
+
+GRAFT_KINDS = ("adam", "none")
+"""``"adam"``: rescale to Adam's per-layer norm; ``"none"``: the method's own step length."""
+
+_SECOND_MOMENT = "graft_exp_avg_sq"
+_STEP = "graft_step"
+
+
+def graft_state_keys() -> tuple[str, str]:
+    """The per-parameter state entries the graft adds (second moment, step count)."""
+    return _SECOND_MOMENT, _STEP
+
+
+def adam_graft(
+    states: list[dict],
+    grads: list[Tensor],
+    directions: list[Tensor],
+    *,
+    beta2: float,
+    eps: float,
+    numerators: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """Rescale one layer's ``directions`` to the Frobenius norm of Adam's direction.
+
+    Args:
+        states: per parameter of the layer, its optimizer state dict (gets
+            ``graft_exp_avg_sq`` shaped like the gradient and an int64 0-d ``graft_step``).
+        grads: the raw gradients ``ḡ`` (weight, then bias), any float dtype.
+        directions: the method's directions ``P`` for the same parameters (same shapes).
+        numerators: what Adam's direction divides (default ``grads``); a method that applies
+            momentum before preconditioning (AdaFisher) passes its ``m̂`` so that both norms
+            are of momentum-filtered steps, ``‖m̂ ⊘ (√v̂ + ε)‖``.
+        beta2: Adam's second-moment rate ``β₂ ∈ [0, 1)``.
+        eps: Adam's ``ε > 0``.
+
+    Returns:
+        ``P · ‖D‖/(‖P‖ + 1e-16)`` for each parameter (new tensors, dtype of ``directions``).
+    """
+    adam_sq = []
+    direction_sq = []
+    numerators = grads if numerators is None else numerators
+    for state, grad, direction, numerator in zip(states, grads, directions, numerators,
+                                                  strict=True):
+        work = torch.promote_types(direction.dtype, torch.float32)  # fp32 state for half types
+        grad = grad.to(work)
+        if _SECOND_MOMENT not in state:
+            state[_SECOND_MOMENT] = torch.zeros_like(grad)
+            state[_STEP] = torch.zeros((), dtype=torch.int64, device=grad.device)
+        state[_STEP].add_(1)
+        second = state[_SECOND_MOMENT]
+        second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # Bias correction as a tensor: no host synchronisation on accelerators.
+        correction = 1 - torch.pow(beta2, state[_STEP].to(second.dtype))
+        denominator = (second / correction).sqrt_().add_(eps)
+        adam_sq.append(((numerator.to(work) / denominator) ** 2).sum())
+        direction_sq.append((direction.to(work) ** 2).sum())
+    scale = torch.stack(adam_sq).sum().sqrt() / (torch.stack(direction_sq).sum().sqrt() + 1e-16)
+    return [(direction * scale).to(direction.dtype) for direction in directions]
+
