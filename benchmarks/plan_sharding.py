@@ -134,8 +134,9 @@ def block_state_floats(
     Capture optimizers (a layer, ``a = in + bias`` inputs, ``g = out`` outputs, ``n`` weights
     and bias): EK-FAC keeps ``A``, ``G``, their bases and eigenvalues, the ``g×a`` correction and
     a first moment; AdaFisher diagonal factors (twice) and a first moment; SINGD ``K``, ``C``
-    and their momenta and a momentum buffer. Parameters outside such layers: Adam's two
-    moments, ``2n`` (AdaFisher treats a LayerNorm as a layer with 2 inputs).
+    and their momenta and a momentum buffer; each of them also ``n`` for the default Adam-norm
+    graft's second moment. Parameters outside such layers: Adam's two moments, ``2n``
+    (AdaFisher treats a LayerNorm as a layer with 2 inputs).
     """
     if family in ("Shampoo", "SOAP"):
         n = math.prod(shape)
@@ -147,15 +148,15 @@ def block_state_floats(
     if isinstance(module, nn.Linear) and block[0] is module.weight:
         a, g = module.in_features + has_bias, module.out_features
         if family == "EKFAC":
-            return 2 * (a * a + g * g) + a + g + g * a + n
+            return 2 * (a * a + g * g) + a + g + g * a + 2 * n
         if family == "AdaFisher":
-            return 2 * (a + g) + n
-        return 2 * (a * a + g * g) + n  # SINGD
+            return 2 * (a + g) + 2 * n
+        return 2 * (a * a + g * g) + 2 * n  # SINGD
     if family == "EKFAC" and isinstance(module, nn.Embedding):
         vocab, dim = module.num_embeddings, module.embedding_dim
-        return 2 * vocab + 2 * dim * dim + dim + dim * vocab + n
+        return 2 * vocab + 2 * dim * dim + dim + dim * vocab + 2 * n
     if family == "AdaFisher" and isinstance(module, nn.LayerNorm) and block[0] is module.weight:
-        return 2 * (2 + module.normalized_shape[0]) + n
+        return 2 * (2 + module.normalized_shape[0]) + 2 * n
     return 2 * n
 
 

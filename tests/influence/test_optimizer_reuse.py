@@ -25,7 +25,8 @@ def test_optimizer_factors_equal_fitted_factors(strategy):
         progress=False,
     )
     # one statistics step over the same data, fed as three accumulated micro-batches of mean losses
-    optimizer = ekfac_module.EKFAC(model, lr=0.0, stat_decay=0.0)
+    # the paper's per-example correction: what a fresh EK-FAC fit computes
+    optimizer = ekfac_module.EKFAC(model, lr=0.0, stat_decay=0.0, correction="per_example")
     for chunk in torch.arange(12).split(4):
         (F.cross_entropy(model(x[chunk]), y[chunk]) * len(chunk) / 12).backward()
     optimizer.step()

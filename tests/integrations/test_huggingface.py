@@ -240,12 +240,21 @@ def _with_linear_layers(model):
     return model
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: EKFAC(m.parameters(), model=m, lr=1e-3, stats_every=1, precondition_frequency=2),
-    lambda m: AdaFisherW(m.parameters(), model=m, lr=1e-3, update_freq=2),
-    lambda m: SINGD(m.parameters(), model=m, lr=1e-2, T=2, warn_unsupported=False),
-], ids=["EKFAC", "AdaFisherW", "SINGD"])
-def test_gpt2_conv1d_trains_as_the_same_model_with_linear_layers(make, lm_data):
+# EK-FAC's default batch correction is a per-coordinate statistic of the eigenbasis, and the
+# basis of (nearly) degenerate eigenvalues of young factors is arbitrary: the two layouts round
+# differently, so the default run agrees to 1e-4, while the paper's algorithm (its correction
+# damped by an absolute λ) agrees to rounding.
+_EKFAC_PAPER = dict(damping=1e-3, damping_rule="absolute", power=1.0, correction="per_example", graft="none")
+
+
+@pytest.mark.parametrize(("make", "tolerance"), [
+    (lambda m: EKFAC(m.parameters(), model=m, lr=1e-3, stats_every=1, precondition_frequency=2,
+                     **_EKFAC_PAPER), 1e-10),
+    (lambda m: EKFAC(m.parameters(), model=m, lr=1e-3, stats_every=1, precondition_frequency=2), 1e-4),
+    (lambda m: AdaFisherW(m.parameters(), model=m, lr=1e-3, update_freq=2), 1e-10),
+    (lambda m: SINGD(m.parameters(), model=m, lr=1e-2, T=2, warn_unsupported=False), 1e-10),
+], ids=["EKFAC-paper", "EKFAC", "AdaFisherW", "SINGD"])
+def test_gpt2_conv1d_trains_as_the_same_model_with_linear_layers(make, tolerance, lm_data):
     """Conv1D is a Linear with a transposed weight: the optimizer must not see a difference."""
     conv = tiny_model("gpt2", width=16, context=16).double()
     linear = _with_linear_layers(conv)
@@ -262,7 +271,7 @@ def test_gpt2_conv1d_trains_as_the_same_model_with_linear_layers(make, lm_data):
             optimizer.zero_grad()
             losses.append(loss.detach())
         trajectories.append(torch.stack(losses))
-    torch.testing.assert_close(trajectories[0], trajectories[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trajectories[0], trajectories[1], rtol=tolerance, atol=tolerance)
 
 
 def test_singd_trains_tied_llama():
