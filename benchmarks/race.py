@@ -12,7 +12,7 @@ time and ms per training step. Outputs in ``--out`` (default ``bench_results/rac
 event files under ``tensorboard/<workload>/<optimizer>``.
 
 ``--quick`` (what ``make demo`` runs) uses the smaller W2 model and fewer steps (300 on W1,
-400 on W2) and races the registry's quick subset (AdamW and Shampoo) unless ``--optimizers`` names
+400 on W2) and races the registry's quick subset (AdamW and every optimizer of the suite) unless ``--optimizers`` names
 others. Torch runs on ``--threads`` threads (1 by default: multi-threaded eigh collapses on
 small shared machines, see reference/pytorch_conventions.md).
 """

@@ -174,7 +174,7 @@ register(RaceEntry(
          "of {1, 2, 3, 6}e-3 on W1, of {2, 3, 5, 8}e-3 on full W2 at 200 steps",
 ))
 register(RaceEntry(
-    "Shampoo-SOAP", "secondorder:Shampoo",
+    "Shampoo-SOAP", "secondorder:Shampoo", quick=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), weight_decay=1e-4, precondition_frequency=10,
                      eigenvalue_correction=True),
            "W2": dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01),
@@ -218,7 +218,7 @@ register(RaceEntry(
 ))
 
 register(RaceEntry(
-    "SANIA", "secondorder:SANIA", closure=True, schedule=False,
+    "SANIA", "secondorder:SANIA", closure=True, schedule=False, quick=True,
     hyper={"*": dict(lr=1.0, preconditioner="adagrad_sqr", eps=1.0)},
     note="AdaGrad-SQR Polyak step, f* = 0; its own step size (no LR schedule); default closure "
          "(backward inside)",
@@ -252,7 +252,7 @@ register(RaceEntry(
 ))
 
 register(RaceEntry(
-    "EKFAC", "secondorder:EKFAC", pass_model=True,
+    "EKFAC", "secondorder:EKFAC", pass_model=True, quick=True,
     hyper={"*": dict(lr=3e-3, weight_decay=1e-4)},
     note="the constructor's defaults (issue 14 variant: relative damping 0.1·mean(Λ), power 1/2, "
          "batch-gradient correction, Adam-norm grafting; factors every 10 steps, bases every 100); "
@@ -277,7 +277,7 @@ register(RaceEntry(
 ))
 
 register(RaceEntry(
-    "AdaFisherW", "secondorder:AdaFisherW", pass_model=True,
+    "AdaFisherW", "secondorder:AdaFisherW", pass_model=True, quick=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), damping=1e-3, gamma=0.8, weight_decay=1e-4,
                      update_freq=10, normalization="minmax", graft="none"),
            "W2": dict(lr=1e-3, weight_decay=0.01)},
@@ -303,7 +303,7 @@ def outputs_closure(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 register(RaceEntry(
-    "ExactGaussNewton", build=_exact_gauss_newton, closure=True, make_closure=outputs_closure,
+    "ExactGaussNewton", build=_exact_gauss_newton, closure=True, make_closure=outputs_closure, quick=True,
     hyper={"*": dict(lr=1.0, damping=0.1, line_search=True)},
     skip_workloads={"W2": "a batch of byte windows has b·T·256 outputs, far too many for the "
                           "(b·c × b·c) batch-space solve"},
@@ -330,6 +330,7 @@ for _name, _extra in (("SINGD", {}), ("SINGD-diag", {"structures": "diagonal"}),
     _w2 = {} if "structures" in _extra else {"damping": 1e-2}
     register(RaceEntry(
         _name, "secondorder:SINGD", pass_model=True, closure=True, frequency_arg="T",
+        quick=_name == "SINGD",
         hyper={"*": {**_SINGD_HYPER["*"], **_extra}, "W2": {**_SINGD_HYPER["W2"], **_w2}},
         note=f"INGD, {_extra.get('structures', 'dense')} K and C"
              f"{', bf16 factors' if 'preconditioner_dtype' in _extra else ''}, factor update every 5 steps",

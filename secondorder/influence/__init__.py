@@ -52,8 +52,8 @@ from secondorder.influence.scores import (
     low_rank_factors,
     preconditioned_query_gradients,
 )
-from secondorder.influence.streaming import load_streamed_scores, stream_pairwise_scores
 from secondorder.influence.statistics import STRATEGIES, LayerPreconditioner
+from secondorder.influence.streaming import load_streamed_scores, stream_pairwise_scores
 from secondorder.influence.task import (
     ClassificationTask,
     InfluenceTask,

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
-from torch.utils.data import default_collate
 from torch.utils._pytree import tree_map
+from torch.utils.data import default_collate
 
 from secondorder.influence.collect import LayerRecorder, resolve_indices
 from secondorder.influence.scores import InfluenceScores

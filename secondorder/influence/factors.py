@@ -55,7 +55,6 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor
-from secondorder.distributed.state_gather import gather_layer_states
 from secondorder.influence.collect import (
     FISHER_MODES,
     LayerRecorder,
@@ -159,7 +158,10 @@ class InfluenceFactors:
             optimizer: a ``secondorder.EKFAC`` that has taken at least one step (any object
                 with a ``capture`` of layers and per-weight ``state`` in that layout). When it
                 is distributed, every rank must call this (the owners' factors are gathered).
-            strategy: ``ekfac`` (the corrected eigenvalues) or ``kfac`` (``λ_S λ_Aᵀ``).
+            strategy: ``ekfac`` (the corrected eigenvalues) or ``kfac`` (``λ_S λ_Aᵀ``). EKFAC's
+                default ``correction="batch"`` keeps the batch-gradient estimate of ``Λ``; the
+                per-example one a fresh fit computes comes with ``correction="per_example"`` or
+                ``refresh``.
 
             refresh: ``None`` (reuse as is), ``"correction"`` or ``"factors"``: recompute the
                 EK-FAC correction (one pass over ``loader``), or the factors and the correction,
@@ -177,43 +179,11 @@ class InfluenceFactors:
         check_choice("strategy", strategy, ("kfac", "ekfac"))
         if refresh is not None and (model is None or task is None or loader is None):
             raise ValueError("Invalid refresh: it needs model, task and loader")
-        capture = getattr(optimizer, "capture", None)
-        if capture is None or not hasattr(optimizer, "state"):
-            raise TypeError(
-                f"Invalid optimizer: {type(optimizer).__name__} keeps no captured layer statistics"
-            )
-        layers = {}
-        # Collective under a distributed optimizer: each layer's state lives on its owner.
-        states = gather_layer_states(optimizer, capture.layers)
-        for layer in capture.layers:
-            state = states.get(layer.name, {})
-            if "gradient_basis" not in state:
-                raise ValueError(
-                    f"Invalid optimizer: layer {layer.name!r} has no eigenbasis yet "
-                    "(take a step first)"
-                )
-            one = torch.ones((), dtype=torch.float64)
-            tensors = {
-                "activation_covariance": state["activation_factor"],
-                "activation_count": one,
-                "gradient_covariance": state["gradient_factor"],
-                "gradient_count": one,
-                "gradient_eigenvectors": state["gradient_basis"],
-                "gradient_eigenvalues": state["gradient_eigenvalues"],
-                "activation_eigenvalues": state["activation_eigenvalues"],
-            }
-            if state.get("activation_basis") is not None:
-                tensors["activation_eigenvectors"] = state["activation_basis"]
-            if strategy == "ekfac":
-                tensors["lambda"], tensors["lambda_count"] = state["correction"], one
-            layers[layer.name] = {
-                key: value.detach().clone().cpu() for key, value in tensors.items()
-            }
-        reused = cls(strategy, layers, {"source": type(optimizer).__name__})
+        from secondorder.influence.refresh import optimizer_layers, refresh_factors  # imports this module
+
+        reused = cls(strategy, optimizer_layers(optimizer, strategy), {"source": type(optimizer).__name__})
         if refresh is None:
             return reused
-        from secondorder.influence.refresh import refresh_factors  # imports this module
-
         return refresh_factors(reused, model, task, loader, recompute=refresh)
 
 

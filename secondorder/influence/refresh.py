@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secondorder.distributed.state_gather import gather_layer_states
 from secondorder.influence.collect import FISHER_MODES, LayerRecorder, _to_device
 from secondorder.influence.factors import InfluenceFactors
 from secondorder.influence.statistics import covariance_sums, eigendecompose, lambda_sums
@@ -155,3 +156,34 @@ def refresh_factors(
                 layers[name]["lambda_count"] = torch.tensor(counts[name], dtype=torch.float64)
     arguments = {**factors.arguments, "refreshed": recompute, "refresh_fisher": fisher}
     return InfluenceFactors(factors.strategy, layers, arguments)
+
+
+def optimizer_layers(optimizer: Any, strategy: str) -> dict[str, dict[str, Tensor]]:
+    """Per tracked layer of ``secondorder.EKFAC``, its factors, eigenbases (and correction for
+    ``"ekfac"``) in :class:`~secondorder.influence.factors.InfluenceFactors`' layout (copies, on
+    the CPU). Collective under a distributed optimizer: each layer's state lives on its owner."""
+    capture = getattr(optimizer, "capture", None)
+    if capture is None or not hasattr(optimizer, "state"):
+        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} keeps no captured layer statistics")
+    layers = {}
+    states = gather_layer_states(optimizer, capture.layers)
+    for layer in capture.layers:
+        state = states.get(layer.name, {})
+        if "gradient_basis" not in state:
+            raise ValueError(f"Invalid optimizer: layer {layer.name!r} has no eigenbasis yet (take a step first)")
+        one = torch.ones((), dtype=torch.float64)
+        tensors = {
+            "activation_covariance": state["activation_factor"],
+            "activation_count": one,
+            "gradient_covariance": state["gradient_factor"],
+            "gradient_count": one,
+            "gradient_eigenvectors": state["gradient_basis"],
+            "gradient_eigenvalues": state["gradient_eigenvalues"],
+            "activation_eigenvalues": state["activation_eigenvalues"],
+        }
+        if state.get("activation_basis") is not None:
+            tensors["activation_eigenvectors"] = state["activation_basis"]
+        if strategy == "ekfac":
+            tensors["lambda"], tensors["lambda_count"] = state["correction"], one
+        layers[layer.name] = {key: value.detach().clone().cpu() for key, value in tensors.items()}
+    return layers

@@ -38,14 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor
-from secondorder.influence.contraction import PreparedQuery, low_rank_factors
 from secondorder.influence.collect import (
     LayerRecorder,
-    LayerRows,
     iterate_batches,
     resolve_indices,
     shard,
 )
+from secondorder.influence.contraction import PreparedQuery, low_rank_factors
 from secondorder.influence.factors import InfluenceFactors
 from secondorder.influence.sharding import influence_distributor
 from secondorder.influence.statistics import LayerPreconditioner, per_example_gradients

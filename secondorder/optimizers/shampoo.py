@@ -21,6 +21,7 @@ from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.distributed.sharding import is_sharded, shard_key_prefix
 from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, check_lr, group_lr
+from secondorder.optimizers.shampoo_exponents import block_exponents, check_exponent_override, soap_exponent
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.diagonal import (
     DIAGONAL_KINDS,
@@ -264,7 +265,7 @@ class Shampoo(SecondOrderOptimizer):
         check_real("graft_epsilon", group["graft_epsilon"], low=0.0, low_inclusive=False)
         check_choice("factor_dtype", group["factor_dtype"], _FACTOR_DTYPES)
         check_choice("refresh_method", group["refresh_method"], ("eigh", "qr") if soap else ("eigh", "newton"))
-        _check_exponent_override(group["inverse_exponent_override"], soap)
+        check_exponent_override(group["inverse_exponent_override"], soap)
         if not isinstance(group["packed_factors"], bool):
             raise TypeError(f"Invalid packed_factors: {group['packed_factors']!r} (expected a bool)")
 
@@ -303,10 +304,11 @@ class Shampoo(SecondOrderOptimizer):
         """The block's Kronecker strategy, or None for a diagonal-only block (1-D params)."""
         if param.dim() <= 1 and not group["precondition_1d"]:
             return None
-        exponents = _exponents(len(block_shape), group["inverse_exponent_override"], group["eigenvalue_correction"])
+        exponents = block_exponents(len(block_shape), group["inverse_exponent_override"],
+                                    group["eigenvalue_correction"])
         # All exponents 0 leaves a strategy without factors: the identity direction (root mode)
         # or Adam in the identity basis (SOAP mode), as in distributed_shampoo.
-        correction_exponent = _soap_exponent(exponents) if group["eigenvalue_correction"] else 0.5
+        correction_exponent = soap_exponent(exponents) if group["eigenvalue_correction"] else 0.5
         return KroneckerFactors(
             exponents, beta2=group["betas"][1], epsilon=group["epsilon"],
             correction_exponent=correction_exponent,
@@ -565,46 +567,3 @@ class Shampoo(SecondOrderOptimizer):
 @functools.lru_cache(maxsize=1024)
 def _cached_layout(shape: tuple[int, ...], max_dim: int | float) -> BlockLayout:
     return BlockLayout.for_shape(shape, max_dim)
-
-
-def _exponents(order: int, override: dict[int, Any] | None, eigenvalue_corrected: bool) -> list[float]:
-    """Root power per dim: ``1/(2·order)`` (½ for the SOAP denominator), or the override."""
-    default = 0.5 if eigenvalue_corrected else 1.0 / (2 * max(order, 1))
-    exponents = [default] * order
-    if override and order in override:
-        value = override[order]
-        if isinstance(value, dict):
-            for dim, exponent in value.items():
-                exponents[dim] = float(exponent)
-        else:
-            exponents = [float(value)] * order
-    return exponents
-
-
-def _soap_exponent(exponents: list[float]) -> float:
-    """SOAP mode: the one positive exponent of a block's dims (the power of ``Λ/c₂``), ½ if none."""
-    positive = {e for e in exponents if e > 0}
-    if len(positive) > 1:
-        raise ValueError(f"Invalid inverse_exponent_override: SOAP mode takes one exponent of Λ per order "
-                         f"(0 on a dim skips its basis), got {sorted(positive)}")
-    return positive.pop() if positive else 0.5
-
-
-def _check_exponent_override(override: Any, eigenvalue_correction: bool = False) -> None:
-    if override is None:
-        return
-    if not isinstance(override, dict):
-        raise TypeError(f"Invalid inverse_exponent_override: {override!r} (expected a dict)")
-    for order, value in override.items():
-        check_int("inverse_exponent_override order", order, low=1)
-        values = value.values() if isinstance(value, dict) else [value]
-        for exponent in values:
-            check_real("inverse_exponent_override exponent", exponent, low=0.0)
-        if isinstance(value, dict):
-            for dim in value:
-                check_int("inverse_exponent_override dim", dim, low=0)
-                if dim >= order:
-                    raise ValueError(f"Invalid inverse_exponent_override dim: {dim} (an order-{order} block "
-                                     f"has dims 0..{order - 1})")
-        if eigenvalue_correction:
-            _soap_exponent(list(values))

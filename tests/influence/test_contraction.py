@@ -53,14 +53,14 @@ def test_both_bases_equal_dense_preconditioned_dot_products(
                 prepared = PreparedQuery(preconditioners[name], rows, num_train=10)
                 # force the basis of the pass instead of the cost choice
                 monkeypatch.setattr(
-                    prepared, "_choose", lambda *_: _force(prepared, eigen), raising=False
+                    prepared, "_choose", lambda *_, p=prepared: _force(p, eigen), raising=False
                 )
                 scores, tokens = prepared.scores(trained[name], per_token)
                 torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
                 if per_token:
                     torch.testing.assert_close(tokens.sum(-1), expected, rtol=1e-10, atol=1e-12)
             low = PreparedQuery(preconditioners[name], rows, num_train=10, rank=10_000)
-            monkeypatch.setattr(low, "_choose", lambda *_: _force(low, eigen), raising=False)
+            monkeypatch.setattr(low, "_choose", lambda *_, q=low: _force(q, eigen), raising=False)
             for per_token in (False, True):
                 torch.testing.assert_close(low.scores(trained[name], per_token)[0], expected)
             for rows_cheaper in (False, True):
