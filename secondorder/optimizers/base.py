@@ -95,6 +95,32 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def decoupled_decay_(tensor: Tensor, group: dict[str, Any]) -> None:
+    """AdamW's decoupled weight decay ``W ← W(1 − lr·wd)`` in place (a no-op at ``wd = 0``)."""
+    if group["weight_decay"] != 0:
+        tensor.mul_(1 - group_lr(group) * group["weight_decay"])
+
+
+def heavy_ball_(
+    buffers: list[Tensor], directions: list[Tensor], momentum: float | list[Tensor],
+    dampening: float = 0.0, nesterov: bool = False,
+) -> list[Tensor]:
+    """Heavy-ball momentum over many tensors at once (``torch._foreach``).
+
+    ``b ← μ·b + (1 − d)·u`` in place; returns ``b`` (copies), or ``(1 − d)·u + μ·b`` with
+    ``nesterov`` (``directions`` are then modified in place). ``momentum`` may be one float or
+    one 0-d tensor per buffer (a mask: 1 keeps a skipped block's buffer as it was when its
+    direction is 0). SINGD's ``b ← α₂b + d`` is ``d = 0``; Shampoo's is distributed_shampoo's.
+    """
+    torch._foreach_mul_(buffers, momentum)
+    torch._foreach_add_(buffers, directions, alpha=1 - dampening)
+    if not nesterov:
+        return [buffer.clone() for buffer in buffers]
+    torch._foreach_mul_(directions, 1 - dampening)
+    torch._foreach_add_(directions, torch._foreach_mul(buffers, momentum))
+    return directions
+
+
 def check_lr(value: Any) -> None:
     """``lr ≥ 0``: a real number or a 0-d real Tensor (as torch.optim accepts)."""
     if isinstance(value, Tensor):

@@ -44,7 +44,14 @@ from torch import Tensor, nn
 
 from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.distributed.ownership import LayerOwnership
-from secondorder.optimizers.base import SecondOrderOptimizer, check_lr, group_lr, work_dtype
+from secondorder.optimizers.base import (
+    SecondOrderOptimizer,
+    check_lr,
+    decoupled_decay_,
+    group_lr,
+    heavy_ball_,
+    work_dtype,
+)
 from secondorder.optimizers.validation import check_betas, check_choice, check_real
 from secondorder.precond.capture import CapturedLayer, LayerCapture, LayerStats
 from secondorder.precond.diagonal import diagonal_direction, update_second_moment
@@ -301,19 +308,16 @@ class CapturingOptimizer(SecondOrderOptimizer):
         if self.momentum_rule == "heavy_ball" and group["momentum"] != 0:
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-            return state["momentum_buffer"].mul_(group["momentum"]).add_(direction)
+            return heavy_ball_([state["momentum_buffer"]], [direction], group["momentum"])[0]
         return direction
 
     @staticmethod
     def _apply(param: Tensor, update: Tensor, group: dict[str, Any], fallback: bool = False) -> None:
         """``W ← W(1 − lr·wd)`` for decoupled decay (also the fallback's form of direction decay),
         then ``W ← W − lr·update`` (in the parameter's dtype)."""
-        lr = group_lr(group)
-        decoupled = group["weight_decay_type"] == "decoupled" or (
-            fallback and group["weight_decay_type"] == "direction")
-        if decoupled and group["weight_decay"] != 0:
-            param.mul_(1 - lr * group["weight_decay"])
-        param.add_(update.to(param.dtype), alpha=-lr)
+        if group["weight_decay_type"] == "decoupled" or (fallback and group["weight_decay_type"] == "direction"):
+            decoupled_decay_(param, group)
+        param.add_(update.to(param.dtype), alpha=-group_lr(group))
 
 
 def statistics_scale(stats: dict[CapturedLayer, LayerStats], loss_reduction: str,

@@ -20,7 +20,14 @@ from torch import Tensor
 from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor, resolve_distributor
 from secondorder.distributed.sharding import is_sharded, shard_key_prefix
-from secondorder.optimizers.base import ParamsT, SecondOrderOptimizer, check_lr, group_lr
+from secondorder.optimizers.base import (
+    ParamsT,
+    SecondOrderOptimizer,
+    check_lr,
+    decoupled_decay_,
+    group_lr,
+    heavy_ball_,
+)
 from secondorder.optimizers.shampoo_exponents import block_exponents, check_exponent_override, soap_exponent
 from secondorder.optimizers.validation import check_betas, check_choice, check_int, check_real
 from secondorder.precond.diagonal import (
@@ -490,13 +497,8 @@ class Shampoo(SecondOrderOptimizer):
         torch._foreach_mul_(directions, masks)  # a skipped block moves by nothing
         if group["momentum"] > 0:
             buffers = [state["momentum_buffer"] for state in states]
-            torch._foreach_mul_(buffers, list(keep_where(keep, group["momentum"], 1.0, buffers[0].dtype).unbind()))
-            torch._foreach_add_(buffers, directions, alpha=1 - group["dampening"])
-            if group["nesterov"]:
-                torch._foreach_mul_(directions, 1 - group["dampening"])
-                torch._foreach_add_(directions, buffers, alpha=group["momentum"])
-            else:
-                directions = [buffer.clone() for buffer in buffers]
+            momentum = list(keep_where(keep, group["momentum"], 1.0, buffers[0].dtype).unbind())
+            directions = heavy_ball_(buffers, directions, momentum, group["dampening"], group["nesterov"])
             torch._foreach_mul_(directions, masks)
         return list(zip(global_blocks, directions))
 
@@ -557,11 +559,10 @@ class Shampoo(SecondOrderOptimizer):
         for update, (param, weight, group, block) in zip(updates, targets):
             if block is None or update is None:
                 continue
-            lr = group_lr(group)
-            if group["weight_decay_type"] == "decoupled" and group["weight_decay"] != 0 and id(param) not in decayed:
-                weight.mul_(1 - lr * group["weight_decay"])  # the local shard under FSDP2
+            if group["weight_decay_type"] == "decoupled" and id(param) not in decayed:
+                decoupled_decay_(weight, group)  # the local shard under FSDP2
                 decayed.add(id(param))
-            block.add_(update.to(block.dtype), alpha=-lr)
+            block.add_(update.to(block.dtype), alpha=-group_lr(group))
 
 
 @functools.lru_cache(maxsize=1024)
