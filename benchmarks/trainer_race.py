@@ -19,6 +19,7 @@ capture optimizers. Written to ``--out`` (default ``bench_results/trainer_race``
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -39,11 +40,18 @@ BASELINE = "AdamW"
 DIVERGED = math.log(256)  # a held-out loss above uniform guessing over bytes (or NaN)
 
 
-def _optimizer_spec(name: str) -> tuple[type, dict[str, Any]]:
+def _optimizer_spec(name: str, defaults: bool = False) -> tuple[type, dict[str, Any]]:
+    """The class and keyword arguments of entry ``name``: the registry's W2 settings, or with
+    ``defaults`` the constructor's own (only the mode that names the entry, e.g. SOAP's
+    ``eigenvalue_correction=True``, and the constructor's default ``lr``)."""
     entry = REGISTRY[name]
+    cls = resolve_target(entry.target)
+    if defaults:
+        mode = {"eigenvalue_correction": True} if name == "Shampoo-SOAP" else {}
+        return cls, {**mode, "lr": inspect.signature(cls).parameters["lr"].default}
     kwargs = entry.kwargs_for("W2")
     kwargs.pop("weight_decay", None)  # the Trainer's groups set it (TrainingArguments)
-    return resolve_target(entry.target), kwargs
+    return cls, kwargs
 
 
 def capture_counts(optimizer: torch.optim.Optimizer) -> tuple[int, int, int] | None:
@@ -58,12 +66,12 @@ def capture_counts(optimizer: torch.optim.Optimizer) -> tuple[int, int, int] | N
 
 
 def run_one(model_name: str, name: str, factor: float, data, steps: int, context: int,
-            width: int) -> dict[str, Any]:
+            width: int, defaults: bool = False) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from secondorder.integrations.huggingface import SecondOrderTrainer
 
-    cls, kwargs = _optimizer_spec(name)
+    cls, kwargs = _optimizer_spec(name, defaults)
     kwargs["lr"] = kwargs["lr"] * factor
     model = tiny_model(model_name, width=width, context=context)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -135,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--out", default=os.path.join("bench_results", "trainer_race"))
+    parser.add_argument("--defaults", action="store_true",
+                        help="every optimizer at its constructor defaults (lr: the constructor's "
+                             "default times each factor) instead of the registry's W2 settings")
     parser.add_argument("--previous", default=None,
                         help="a trainer_race.json whose runs join the table (e.g. an earlier run "
                              "with other lr factors; same settings)")
@@ -166,16 +177,18 @@ def main(argv: list[str] | None = None) -> None:
             for factor in factors:
                 if (model_name, name, factor) in factors_run or name not in args.optimizers.split(","):
                     continue
-                run = run_one(model_name, name, factor, data, args.steps, args.context, args.width)
+                run = run_one(model_name, name, factor, data, args.steps, args.context, args.width,
+                              args.defaults)
                 runs.append(run)
                 print(f"{model_name:13s} {name:13s} lr={run['lr']:.3g} held-out {run['held_out']:.4f} "
                       f"train {run['train_loss']:.4f} {run['seconds']:.1f}s capture {run['capture']}",
                       flush=True)
-    settings = {k: getattr(args, k) for k in ("steps", "context", "width")}
+    settings = {k: getattr(args, k) for k in ("steps", "context", "width", "defaults")}
+    source = "the constructor's default" if args.defaults else "the registry's W2"
     factors_used = sorted({run["factor"] for run in runs})
     settings["lr_factors"] = ",".join(f"{f:g}" for f in factors_used)
     table = (f"Held-out loss after {args.steps} Trainer steps (best over lr × {{{settings['lr_factors']}}} "
-             f"of the registry's W2 lr), settings {settings}\n\n{best_table(runs, models, names)}\n\n"
+             f"of {source} lr), settings {settings}\n\n{best_table(runs, models, names)}\n\n"
              f"Capture: tracked layers / tracked parameter tensors / fallback parameter tensors\n\n"
              f"{counts_table(runs, models, names)}\n")
     print("\n" + table)
