@@ -236,27 +236,28 @@ class AdaFisher(CapturingOptimizer):
 
     def _fisher_step(self, param: Tensor, group: dict[str, Any], fisher: Tensor) -> Tensor:
         """``m̂ ⊘ F̃^p``, grafted to the norm of Adam's ``m̂ ⊘ (√v̂ + ε)`` with ``graft="adam"``."""
-        filtered = self._averaged(param, group)
+        filtered, grad = self._averaged(param, group)
         update = filtered / (fisher if group["power"] == 1.0 else fisher.pow(group["power"]))
         if group["graft"] == "adam":
-            (update,) = adam_graft([self.state[param]], [self.prepared_gradient(param, group)], [update],
+            (update,) = adam_graft([self.state[param]], [grad], [update],
                                    beta2=group["betas"][1], eps=group["eps"], numerators=[filtered])
         return update
 
-    def _averaged(self, param: Tensor, group: dict[str, Any]) -> Tensor:
-        """``m ← βm + (1−β)g``; returns ``m̂ = m/(1−β^t)`` for the coming step ``t``."""
+    def _averaged(self, param: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``m ← βm + (1−β)g``; returns ``(m̂ = m/(1−β^t), g)`` for the coming step ``t``."""
         state = self._param_state(param)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(param.shape, dtype=statistics_dtype(param.dtype), device=param.device)
         beta1 = group["betas"][0]
-        state["exp_avg"].lerp_(self.prepared_gradient(param, group), 1 - beta1)
-        return state["exp_avg"] / bias_correction(beta1, int(state["step"]) + 1)
+        grad = self.prepared_gradient(param, group)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        return state["exp_avg"] / bias_correction(beta1, int(state["step"]) + 1), grad
 
     def _adam_direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """Untracked parameters: Adam (``unsupported="adam"``) or ``F̃ = 1`` (``"identity"``)."""
         if group["unsupported"] == "adam":
             return super()._adam_direction(param, group)
-        direction = self._averaged(param, group)
+        direction, _ = self._averaged(param, group)
         self.state[param]["step"].add_(1)
         return direction
 

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from secondorder.distributed.distributor import resolve_distributor
 from secondorder.optimizers.validation import check_real
 from secondorder.precond.linalg import NumericalWarning
 
@@ -317,6 +318,14 @@ class SecondOrderOptimizer(Optimizer):
 
     def _rebuild_runtime(self) -> None:
         """Recreate the objects named in ``_runtime_attributes`` (after a copy or unpickling)."""
+        if "_distributor_spec" in self.__dict__:
+            self.distributor = resolve_distributor(self._distributor_spec)
+
+    def _use_distributor(self, distributor: Any) -> None:
+        """Resolve ``distributor`` (``None``, ``True``, a process group or a Distributor). A
+        process group cannot be pickled, so a copy re-resolves the default group (``True``)."""
+        self._distributor_spec = None if distributor is None or distributor is False else True
+        self.distributor = resolve_distributor(distributor)
 
     # ------------------------------------------------------------------ the step
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -345,7 +354,7 @@ class SecondOrderOptimizer(Optimizer):
             if self._scaler_found_inf():
                 self._skip_scaled_step()
                 return loss
-            grads = self._scaled_gradients()
+            self._unscale_gradients()
             negate = [g for group in self.param_groups if group["maximize"]
                       for p in group["params"] if (g := p.grad) is not None]
             if negate:
@@ -355,7 +364,6 @@ class SecondOrderOptimizer(Optimizer):
             finally:
                 if negate:
                     torch._foreach_neg_(negate)
-            del grads
         return loss
 
     _closure_contract = "evaluates the model and returns the loss"
@@ -376,15 +384,15 @@ class SecondOrderOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf > 0)
 
-    def _scaled_gradients(self) -> list[Tensor]:
-        """Divide gradients that still carry GradScaler's scale by it (in place); returns them."""
+    def _unscale_gradients(self) -> None:
+        """Divide gradients that still carry GradScaler's scale by it (in place)."""
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:
-            return []
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        for grad in grads:
-            grad.div_(grad_scale.to(grad.device))
-        return grads
+            return
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.div_(grad_scale.to(param.grad.device))
 
     @staticmethod
     def _evaluate_closure(closure: Callable[[], Any] | None) -> Any:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secondorder.distributed.distributor import Distributor, resolve_distributor
+from secondorder.distributed.distributor import Distributor
 from secondorder.distributed.ownership import LayerOwnership
 from secondorder.optimizers.base import (
     SecondOrderOptimizer,
@@ -55,9 +55,8 @@ from secondorder.optimizers.base import (
 from secondorder.optimizers.validation import check_betas, check_choice, check_real
 from secondorder.precond.capture import CapturedLayer, LayerCapture, LayerStats
 from secondorder.precond.diagonal import diagonal_direction, update_second_moment
+from secondorder.precond.kfac import batch_gradient
 from secondorder.precond.linalg import bias_correction
-
-WEIGHT_DECAY_TYPES = ("decoupled", "l2", "direction")
 
 
 class CapturingOptimizer(SecondOrderOptimizer):
@@ -84,10 +83,8 @@ class CapturingOptimizer(SecondOrderOptimizer):
         self._model = model
         self._loss_reduction = loss_reduction
         self.grad_scaler = grad_scaler
-        # A process group cannot be pickled: copies re-resolve the default group.
-        self._distributor_spec = None if distributor is None or distributor is False else True
         self.capture: LayerCapture | None = None
-        self.distributor = resolve_distributor(distributor)
+        self._use_distributor(distributor)
         self._ownership = self._make_ownership()
         self._build_capture()
         own = {id(p) for p in model.parameters()}
@@ -104,8 +101,8 @@ class CapturingOptimizer(SecondOrderOptimizer):
         return LayerOwnership(self, self.distributor, lambda: self.capture.layers, capture=lambda: self.capture)
 
     def _rebuild_runtime(self) -> None:
+        super()._rebuild_runtime()
         self.capture = None
-        self.distributor = resolve_distributor(self._distributor_spec)
         self._ownership = self._make_ownership()
         self._build_capture()
 
@@ -195,8 +192,8 @@ class CapturingOptimizer(SecondOrderOptimizer):
     # ------------------------------------------------------------------ the step
     def _step(self) -> None:
         with self._ownership.owned_step():  # hide other ranks' layers; share owners' results
-            stats = self._pop_statistics()
             groups = self._groups_by_param()
+            stats = self._pop_statistics(groups)
             layers = [layer for layer in self.capture.layers
                       if any(p is not None and p.grad is not None for p in (layer.weight, layer.bias))]
             fallback = [p for p in self._fallback_params() if p.grad is not None]
@@ -204,18 +201,14 @@ class CapturingOptimizer(SecondOrderOptimizer):
                      + ([stats[layer].inputs, stats[layer].output_grads] if layer in stats else [])
                      for layer in layers] + [[p.grad] for p in fallback]
             finite = self._finite_units(units)
-            jobs = []
-            for layer, ok in zip(layers, finite):
-                if ok:
-                    jobs.append(layer)
-                else:
-                    self._skip_unit(self.state[layer.weight], "skipped a layer whose gradient or "
-                                    "statistics are not finite")
+            layers_ok, fallback_ok = finite[:len(layers)], finite[len(layers):]
+            for layer in (layer for layer, ok in zip(layers, layers_ok) if not ok):
+                self._skip_unit(self.state[layer.weight], "skipped a layer whose gradient or statistics are not finite")
+            for param in (param for param, ok in zip(fallback, fallback_ok) if not ok):
+                self._skip_unit(self.state[param], "skipped a parameter whose gradient is not finite")
+            jobs = [layer for layer, ok in zip(layers, layers_ok) if ok]
             updates: list[tuple[Tensor, Tensor | None]] = self._layer_directions(jobs, stats, groups)
-            updates += [(p, None) for p, ok in zip(fallback, finite[len(layers):]) if ok]
-            for param, ok in zip(fallback, finite[len(layers):]):
-                if not ok:
-                    self._skip_unit(self.state[param], "skipped a parameter whose gradient is not finite")
+            updates += [(param, None) for param, ok in zip(fallback, fallback_ok) if ok]
             for param, direction in updates:
                 group = groups[id(param)]
                 if direction is None:
@@ -231,7 +224,7 @@ class CapturingOptimizer(SecondOrderOptimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ statistics
-    def _pop_statistics(self) -> dict[CapturedLayer, LayerStats]:
+    def _pop_statistics(self, groups: dict[int, dict[str, Any]]) -> dict[CapturedLayer, LayerStats]:
         """The window's statistics (empty unless recorded), rescaled to the stepped gradient."""
         if not self.capture.has_records():
             self.capture.clear()
@@ -240,7 +233,7 @@ class CapturingOptimizer(SecondOrderOptimizer):
         if self.grad_scaler is not None:
             scale = float(self.grad_scaler.get_scale()) if self.grad_scaler.is_enabled() else 1.0
         else:
-            scale = statistics_scale(stats, self._loss_reduction, self._groups_by_param())
+            scale = statistics_scale(stats, self._loss_reduction, groups)
         if scale != 1.0:
             for layer_stats in stats.values():
                 layer_stats.output_grads = layer_stats.output_grads / scale
@@ -269,8 +262,8 @@ class CapturingOptimizer(SecondOrderOptimizer):
 
     def _param_state(self, param: Tensor) -> dict[str, Any]:
         state = self.state[param]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=param.device)
+        if "step" not in state:  # on the CPU, as torch.optim's: reading it waits for no device
+            state["step"] = torch.zeros((), dtype=torch.int64)
         return state
 
     def _adam_direction(self, param: Tensor, group: dict[str, Any]) -> Tensor:
@@ -355,27 +348,20 @@ def _measurable(layer: CapturedLayer) -> bool:
 
 
 def _gradient_ratio(layer: CapturedLayer, stats: LayerStats, loss_reduction: str) -> float:
-    """``⟨G_captured, G⟩ / ⟨G, G⟩`` for one layer (float64; NaN when undefined)."""
-    g = stats.output_grads
+    """``⟨G_captured, G⟩ / ⟨G, G⟩`` for one layer (float64; NaN when undefined).
+
+    The bias alone when it has a gradient (``Σ g`` over the rows that carry the bias: cheap),
+    else the weight's matrix rebuilt by :func:`~secondorder.precond.kfac.batch_gradient`.
+    """
     bias = layer.bias
     if bias is not None and bias.grad is not None:
-        g = g.double()
+        g = stats.output_grads.double()
         if layer.has_bias:  # rows of a tied weight's other uses carry 0 in the bias column
             g = g * stats.inputs[..., -1:].double()
         total = g.reshape(-1, bias.numel()).sum(0)
         reference = bias.grad.double().reshape(-1)
-    elif layer.family == "embedding":
-        grad = layer.weight.grad.double()
-        rows = stats.inputs.reshape(-1)
-        flat = g.reshape(rows.shape[0], -1).double()
-        valid = rows >= 0
-        total = torch.zeros_like(grad).index_add_(0, rows[valid], flat[valid])
-        reference = grad
     else:
-        a, g = stats.inputs.double(), g.double()
-        if layer.groups == 1:
-            a, g = a.unsqueeze(2), g.unsqueeze(2)
-        total = torch.einsum("ntgo,ntgi->goi", g, a)
+        total = batch_gradient(layer, stats).double()
         reference = layer.gradient_matrix(layer.weight.grad.double(), None)
         if layer.has_bias:  # the bias column (its gradient is absent here) is left out of both
             total, reference = total[..., :-1], reference[..., :-1]

@@ -279,7 +279,7 @@ class EKFAC(CapturingOptimizer):
                 directions.extend((param, None) for param in members)
                 continue
             matrix = self.gradient_matrix(layer, groups, statistics_dtype(layer.weight.dtype))
-            preconditioned = self._direction(state, matrix, group)
+            preconditioned = self._direction(layer.weight, matrix, group)
             weight_part, bias_part = layer.split_matrix(preconditioned)
             if group["graft"] == "adam":
                 weight_part, bias_part = self._graft(layer, group, weight_part, bias_part)
@@ -294,14 +294,10 @@ class EKFAC(CapturingOptimizer):
             directions = [(p, None if d is None else d * scale) for p, d in directions]
         return directions
 
-    def _direction(self, state: dict, matrix: Tensor, group: dict) -> Tensor:
+    def _direction(self, weight: Tensor, matrix: Tensor, group: dict) -> Tensor:
         """``Q_G [X ⊘ (Λ + λ_eff)^p] Q_Aᵀ`` with ``X = Q_Gᵀ Ḡ Q_A`` (:mod:`~secondorder.precond.
         eigen_step`); the ``batch`` correction folds ``N·X²`` into ``Λ`` first."""
-        basis = KroneckerEigenbasis(
-            gradient_basis=state["gradient_basis"], gradient_eigenvalues=state["gradient_eigenvalues"],
-            activation_basis=state.get("activation_basis"),
-            activation_eigenvalues=state["activation_eigenvalues"], correction=state["correction"],
-        )
+        state, basis = self.state[weight], self.eigenbasis(weight)
         projected = basis.project(matrix)
         if group["correction"] == "batch":
             examples = int(state["correction_examples"]) if "correction_examples" in state else 1

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from secondorder.distributed.blocking import BlockLayout
-from secondorder.distributed.distributor import Distributor, resolve_distributor
+from secondorder.distributed.distributor import Distributor
 from secondorder.distributed.sharding import is_sharded, shard_key_prefix
 from secondorder.optimizers.base import (
     ParamsT,
@@ -228,8 +228,7 @@ class Shampoo(SecondOrderOptimizer):
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
-        self._distributor_spec = None if distributor is None or distributor is False else True
-        self.distributor = resolve_distributor(distributor)
+        self._use_distributor(distributor)
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
         self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
@@ -242,7 +241,7 @@ class Shampoo(SecondOrderOptimizer):
     _runtime_attributes = ("distributor",)
 
     def _rebuild_runtime(self) -> None:
-        self.distributor = resolve_distributor(self._distributor_spec)
+        super()._rebuild_runtime()
         self._block_signature = None
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -75,6 +75,9 @@ class OptimizerSpec:
     has_weight_decay: bool = True  # a per-group ``weight_decay`` hyperparameter exists
     common_keywords: dict[str, Any] = field(default_factory=dict)  # shared names it must accept
     config_twins: tuple[str, ...] = ()
+    # capture family: the optimizer's own name of its statistics schedule (``stats_every`` is
+    # the common name every layer optimizer also accepts)
+    schedule_key: str | None = None
     first_block: tuple[slice, slice] = WHOLE
 
     def __post_init__(self) -> None:
@@ -243,6 +246,7 @@ register(
         group_bad_values=(_BAD_LR, _BAD_BETAS, _BAD_DAMPING, _BAD_WEIGHT_DECAY),
         momentum_key="betas",
         common_keywords=_CAPTURE_KEYWORDS,
+        schedule_key="stats_every",
     )
 )
 
@@ -276,6 +280,7 @@ for _name, _twin in (("AdaFisher", "AdaFisherW"), ("AdaFisherW", "AdaFisher")):
             lr=1e-2,  # Adam-norm grafting (the default): an Adam-sized lr
             common_keywords=dict(_CAPTURE_KEYWORDS, lr=1e-2),
             config_twins=(_twin,),
+            schedule_key="update_freq",
         )
     )
 
@@ -303,6 +308,7 @@ _SINGD_COMMON = dict(
     group_bad_values=(_BAD_LR, _BAD_BETAS, _BAD_DAMPING, _BAD_WEIGHT_DECAY),
     momentum_key="momentum",
     common_keywords=_CAPTURE_KEYWORDS,
+    schedule_key="T",
 )
 register(OptimizerSpec(name="SINGD", fixed=_SINGD_FIXED, **_SINGD_COMMON))
 register(OptimizerSpec(name="SINGD-block-ikfac",

@@ -71,6 +71,18 @@ def test_shared_keyword_names_are_accepted(spec):
     assert_all_finite(model, optimizer)
 
 
+@over_specs(lambda spec: spec.family == "capture")
+def test_stats_every_is_the_common_name_of_the_statistics_schedule(spec):
+    # issue 13: the same keyword for the same concept; each layer optimizer keeps its paper's name too
+    model_a, model_b = toy_model(), toy_model()
+    common = spec.make(model_a, **{spec.schedule_key: 1, "stats_every": 3})
+    own = spec.make(model_b, **{spec.schedule_key: 3})
+    assert common.param_groups[0][spec.schedule_key] == 3
+    train(spec, common, model_a, steps=5)
+    train(spec, own, model_b, steps=5)
+    assert torch.equal(flat(model_a), flat(model_b))
+
+
 @over_specs()
 def test_torch_flags_at_default_values_are_accepted_and_change_nothing(spec):
     model_a, model_b = toy_model(), toy_model()

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
+
+from secondorder.precond.linalg import all_finite as tensors_finite
 
 from .base import StructuredMatrix
 
@@ -162,6 +163,6 @@ def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad_matrix: Tens
 
 
 def all_finite(*matrices: StructuredMatrix) -> bool:
-    """Whether every stored value is finite: one host sync on the sum of sums (a NaN or inf
-    anywhere makes it non-finite; an overflowing sum of finite values is reported too)."""
-    return bool(torch.isfinite(torch.stack([m.data.sum().double() for m in matrices]).sum()))
+    """Whether every stored value is finite (:func:`secondorder.precond.linalg.all_finite` on
+    the matrices' stored values)."""
+    return tensors_finite(*(m.data for m in matrices))
