@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.registry import resolve_target
+from benchmarks.registry import EntryUnavailable, resolve_target
 from benchmarks.workloads import WORKLOADS, Task, evaluate, lr_factor
 
 # name -> (target, needs model=, closure ("loss": SANIA's, "outputs": exact Gauss-Newton's, None),
@@ -58,13 +58,59 @@ OPTIMIZERS: dict[str, tuple[str, bool, str | None, dict[str, Any]]] = {
     # the workloads are classification: the loss it linearises must be theirs
     "ExactGaussNewton": ("secondorder:ExactGaussNewton", True, "outputs", {"loss": "cross_entropy"}),
 }
+# Peers (``--optimizers`` must name them; skipped when their package is missing): torch's Muon
+# with AdamW for the rest, and the SOAP implementations of heavyball and pytorch-optimizer.
+PEERS: dict[str, tuple[str, bool, str | None, dict[str, Any]]] = {
+    "Muon+AdamW": ("benchmarks.defaults_race:MuonWithAdamW", True, None, {}),
+    "heavyball.SOAP": ("benchmarks.defaults_race:HeavyballSOAP", False, None, {}),
+    "pto.SOAP": ("pytorch_optimizer:SOAP", False, None, {}),
+}
+ENTRIES = {**OPTIMIZERS, **PEERS}
 # b·T·256 outputs per batch of byte windows: far too many for the batch-space solve
 SKIPS = {("ExactGaussNewton", "lm"): "too many outputs for the (b·c × b·c) solve"}
 
 
 def default_lr(name: str) -> float:
     """The constructor's own default ``lr`` (AdamW: torch's 1e-3)."""
-    return inspect.signature(resolve_target(OPTIMIZERS[name][0])).parameters["lr"].default
+    return inspect.signature(resolve_target(ENTRIES[name][0])).parameters["lr"].default
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the hidden weight matrices, ``torch.optim.AdamW`` on the rest.
+
+    The recipe of Muon's authors and of torch's docs: Muon only for 2-D weights inside the
+    network (every ``nn.Linear`` weight but the last layer's; not embeddings), with ``adjust_lr_fn=
+    "match_rms_adamw"`` (update RMS 0.2, Liu et al. 2025) so that one lr serves both; its
+    other arguments (weight decay 0.1, momentum 0.95, Nesterov) are Muon's defaults and
+    AdamW's are AdamW's. The two inner optimizers share these ``param_groups``, so an LR
+    scheduler drives both.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, *, model: nn.Module) -> None:
+        del params  # the split needs the modules
+        output_layer = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        hidden_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not output_layer}
+        hidden = [p for p in model.parameters() if id(p) in hidden_ids]
+        rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+        self.muon = torch.optim.Muon(hidden, lr=lr, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(rest, lr=lr)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (both inner steps)
+        self.muon.step()
+        self.adamw.step()
+
+
+def HeavyballSOAP(params, lr: float = 3e-3, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+    """heavyball's SOAP at its own defaults (lr 3e-3), torch.compile off (CPU autotuning takes
+    minutes per step)."""
+    try:
+        import heavyball
+    except ImportError as error:
+        raise EntryUnavailable(f"heavyball is not installed ({error})") from error
+    heavyball.utils.compile_mode = None
+    return heavyball.SOAP(params, lr=lr, **kwargs)
 
 
 class DigitsCNN(nn.Sequential):
@@ -110,7 +156,7 @@ def make_task(workload: str, steps: int | None, lm_size: str) -> Task:
 
 def run(task: Task, name: str, lr: float, extra: dict[str, Any], seed: int = 0) -> dict:
     """Train ``name`` at ``lr`` (other arguments default, plus ``extra``); the run's figures."""
-    target, needs_model, closure, base_extra = OPTIMIZERS[name]
+    target, needs_model, closure, base_extra = ENTRIES[name]
     torch.manual_seed(seed)
     model = task.make_model()
     kwargs = dict(base_extra, **extra, lr=lr)
@@ -202,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             if (name, workload) in SKIPS:
                 print(f"  {workload} {name}: skipped ({SKIPS[name, workload]})", flush=True)
                 continue
-            runs = [run(task, name, m * default_lr(name), overrides.get(name, {})) for m in multipliers]
+            try:
+                runs = [run(task, name, m * default_lr(name), overrides.get(name, {})) for m in multipliers]
+            except EntryUnavailable as error:  # a peer whose package is not installed
+                print(f"  {workload} {name}: skipped ({error})", flush=True)
+                continue
             for r in runs:
                 print(f"  {workload} {name} lr={r['lr']:.3g}: {r['status']} held-out "
                       f"{r['final']:.4f} train {r['train_ms']:.1f} ms step {r['step_ms']:.2f} ms",

@@ -176,7 +176,7 @@ register(RaceEntry(
 register(RaceEntry(
     "Shampoo-SOAP", "secondorder:Shampoo", quick=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), weight_decay=1e-4, precondition_frequency=10,
-                     eigenvalue_correction=True),
+                     eigenvalue_correction=True, grafting="none"),
            "W2": dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01),
            "W2/full": dict(lr=3e-3)},
     frequency_arg="precondition_frequency",

@@ -218,7 +218,7 @@ def test_eigenvalue_corrected_direction_is_adam_in_eigenbasis():
     weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
     # Bases from step 3 on, when both factors are full rank (a degenerate spectrum would make
     # the basis, and so the accumulated Λ, arbitrary); Q = I before.
-    optimizer = Shampoo([weight], lr=1.0, betas=(0.0, 0.9), epsilon=1e-8, eigenvalue_correction=True,
+    optimizer = Shampoo([weight], lr=1.0, betas=(0.0, 0.9), epsilon=1e-8, eigenvalue_correction=True, grafting="none",
                         precondition_frequency=1, start_preconditioning_step=3, max_preconditioner_dim=4,
                         factor_dtype=torch.float64, refresh_method="eigh")
     grads = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
@@ -356,10 +356,36 @@ def test_split_blocks_are_preconditioned_independently():
     torch.testing.assert_close(big.detach(), torch.cat([h.detach() for h in halves]), atol=1e-12, rtol=0)
 
 
-def test_soap_mode_trains_and_defaults_to_no_grafting():
+def test_soap_mode_trains_and_defaults_to_adam_grafting():
     final, optimizer = train(lambda p: Shampoo(p, lr=3e-3, eigenvalue_correction=True, precondition_frequency=5))
-    assert optimizer.defaults["grafting"] == "none"
+    assert optimizer.defaults["grafting"] == "adam"
     assert torch.isfinite(final).all()
+
+
+def test_soap_mode_step_has_adams_norm_so_adamw_lr_carries_over():
+    """Default SOAP mode: each step's norm is torch Adam's on the same gradients (one block),
+    while the direction is SOAP's. Ungrafted, the step is a fraction of Adam's (the eigenbasis
+    concentrates the signal in few coordinates), which is why AdamW's lr did not carry over."""
+    torch.manual_seed(3)
+    grads = [torch.randn(8, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) for _ in range(12)]
+
+    def step_norms(make):
+        weight = nn.Parameter(torch.zeros(8, 6, dtype=torch.float64))
+        optimizer = make([weight])
+        norms = []
+        for grad in grads:
+            before = weight.detach().clone()
+            weight.grad = grad.clone()
+            optimizer.step()
+            norms.append(float((weight.detach() - before).norm()))
+        return torch.tensor(norms, dtype=torch.float64)
+
+    adam = step_norms(lambda p: torch.optim.Adam(p, lr=1e-2))
+    soap = step_norms(lambda p: Shampoo(p, lr=1e-2, eigenvalue_correction=True, precondition_frequency=3))
+    paper = step_norms(lambda p: Shampoo(p, lr=1e-2, eigenvalue_correction=True, precondition_frequency=3,
+                                         grafting="none"))
+    torch.testing.assert_close(soap, adam, rtol=1e-10, atol=0)
+    assert paper[3:].sum() < 0.9 * adam[3:].sum(), (paper / adam).tolist()
 
 
 def test_warns_nothing_in_normal_training():
@@ -379,7 +405,7 @@ def test_soap_mode_first_basis_refresh_keeps_step_size_with_unseen_rows():
         torch.manual_seed(0)
         weight = nn.Parameter(torch.randn(32, 8))
         optimizer = Shampoo([weight], lr=1.0, betas=(0.9, 0.95), eigenvalue_correction=True,
-                            precondition_frequency=5, weight_decay=0.0, **options)
+                            grafting="none", precondition_frequency=5, weight_decay=0.0, **options)
         norms = []
         for t in range(8):
             grad = torch.zeros(32, 8)
