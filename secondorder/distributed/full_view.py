@@ -33,9 +33,9 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from secondorder.distributed.collectives import all_gather_flat
-from secondorder.distributed.distributor import Distributor
+from secondorder.distributed.distributor import AllGatherDistributor, Distributor
 
-__all__ = ["full_view", "dtensor_params"]
+__all__ = ["full_view", "dtensor_params", "mesh_distributor"]
 
 Swap = Callable[[Mapping[int, Tensor]], None]
 """Replaces, wherever it keeps them, each tensor ``t`` with ``id(t)`` in the mapping by its value."""
@@ -51,6 +51,31 @@ def dtensor_params(optimizer: torch.optim.Optimizer) -> list[DTensor]:
                 seen.add(id(param))
                 result.append(param)
     return result
+
+
+def mesh_distributor(distributor: Distributor, params: list[DTensor]) -> Distributor:
+    """The distributor for whole-parameter work on ``params`` (DTensors, e.g. FSDP2's).
+
+    ``distributor`` itself when it spans several ranks or when no parameter is spread over
+    several ranks; otherwise an :class:`AllGatherDistributor` over the process group of the
+    parameters' common 1-D mesh (FSDP2's ``fully_shard`` mesh), so that every rank owns a
+    cost-balanced share of the blocks without the user naming a process group.
+
+    Raises:
+        ValueError: the parameters live on several meshes or on a mesh of more than one
+            dimension (HSDP): which ranks share the work is then the caller's choice.
+    """
+    meshes = {param.device_mesh for param in params}
+    if distributor.world_size > 1 or max(mesh.size() for mesh in meshes) == 1:
+        return distributor
+    mesh = next(iter(meshes))
+    if len(meshes) > 1 or mesh.ndim != 1:
+        raise ValueError(
+            "Invalid distributor: the DTensor parameters live on several meshes or on a "
+            "multi-dimensional mesh; pass distributor=True (or the ProcessGroup whose ranks "
+            "share the preconditioner work)"
+        )
+    return AllGatherDistributor(process_group=mesh.get_group())
 
 
 @contextlib.contextmanager
