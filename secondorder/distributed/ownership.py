@@ -8,7 +8,8 @@ optimizer-specific code:
    parameter of the param groups (the optimizers' Adam-style fallback) is a block of its own.
    Blocks are listed in param_groups order and assigned by cost (LPT,
    :func:`~secondorder.distributed.distributor.assign_owners`; a layer costs
-   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count, and its state
+   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count (AdaFisher's
+   diagonal factors: ``d_out + d_in'`` plus its parameter count), and its state
    size — ``2(d_in'² + d_out²) + d_out·d_in'`` plus its parameters, diagonal factors for
    AdaFisher — is balanced too).
 2. **Statistics.** :meth:`gather_stats` hands each owner the layer inputs and output
@@ -112,7 +113,7 @@ class LayerOwnership:
                     members = [p for p in (layer.weight, layer.bias) if p is not None]
                     blocks.append(members)
                     numel = sum(p.numel() for p in members)
-                    costs.append(_layer_cost(layer) + numel)
+                    costs.append(_layer_cost(layer, diagonal) + numel)
                     sizes.append(_layer_state_size(layer, diagonal) + numel)
                 elif id(param) not in in_layer:
                     blocks.append([param])
@@ -285,10 +286,15 @@ def _layer_state_size(layer: Any, diagonal: bool) -> float:
     return float(groups * (input_size + 2 * d_out * d_out + d_out * d_in))
 
 
-def _layer_cost(layer: Any) -> float:
-    """Eigendecomposition cost of a layer's two Kronecker factors (diagonal for embeddings)."""
+def _layer_cost(layer: Any, diagonal: bool = False) -> float:
+    """Amortised work of a layer's factors: the eigendecompositions of its two Kronecker
+    factors (``d³``; diagonal for embeddings and norms), or, for diagonal factors (AdaFisher),
+    their ``d_in + d_out`` entries — with no decomposition at all, what remains scales with the
+    layer's parameters (added by the caller), not with ``d³``."""
     d_in, d_out = int(layer.in_features), int(layer.out_features)
     groups = int(getattr(layer, "groups", 1))
+    if diagonal:
+        return float(groups * (d_in + d_out))
     input_cost = (
         d_in
         if getattr(layer, "kind", "linear") in ("embedding", "layernorm", "batchnorm")
