@@ -35,7 +35,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from secondorder.distributed.collectives import all_gather_flat
 from secondorder.distributed.distributor import AllGatherDistributor, Distributor
 
-__all__ = ["full_view", "dtensor_params", "mesh_distributor"]
+__all__ = ["full_view", "dtensor_params", "mesh_distributor", "swap_optimizer"]
 
 Swap = Callable[[Mapping[int, Tensor]], None]
 """Replaces, wherever it keeps them, each tensor ``t`` with ``id(t)`` in the mapping by its value."""
@@ -117,7 +117,7 @@ def full_view(
         fulls = _gather(params)
     forward = {id(param): full for param, full in zip(params, fulls, strict=True)}
     backward = {id(full): param for param, full in zip(params, fulls, strict=True)}
-    swaps: list[Swap] = [lambda mapping: _swap_optimizer(optimizer, mapping)]
+    swaps: list[Swap] = [lambda mapping: swap_optimizer(optimizer, mapping)]
     if swap is not None:
         swaps.append(swap)
     done: list[Swap] = []
@@ -201,7 +201,7 @@ def _scatter(param: DTensor, full: Tensor) -> None:
         param.to_local().copy_(full[index])
 
 
-def _swap_optimizer(optimizer: torch.optim.Optimizer, mapping: Mapping[int, Tensor]) -> None:
+def swap_optimizer(optimizer: torch.optim.Optimizer, mapping: Mapping[int, Tensor]) -> None:
     """Swap ``param_groups`` entries (lists kept, edited in place) and ``state`` keys."""
     for group in optimizer.param_groups:
         group["params"][:] = [mapping.get(id(p), p) for p in group["params"]]

@@ -32,16 +32,21 @@ cannot be distributed this way.
 
 FSDP2 (``fully_shard``: DTensor parameters and gradients, ``Shard(0)``). What is
 preconditioned is the *full layer*, exactly as under DDP: a Kronecker factor on the output
-side mixes the rows FSDP2 shards, so :meth:`owned_step` runs the step body inside
-:func:`~secondorder.distributed.full_view.full_view`: every DTensor parameter and its
-(already reduce-scattered) gradient are all-gathered into plain full tensors that stand in
-for the DTensors (param groups, ``optimizer.state``, the capture's layers, the block table);
-owners update them, the usual all-gather of owners' values makes them equal everywhere, and
-each rank copies its own shard back. The result equals single-process training on the global
-batch, and the optimizer state is plain, full-size and held by the owner only (checkpoints
-behave as under DDP). Memory: one full copy of each parameter and of its gradient during the
-step (on every rank), plus the owner's full-size state. A multi-rank ``distributor`` is
-required (``distributor=True``); with the single-process default the step raises
+side mixes the rows FSDP2 shards. :meth:`owned_step` therefore hands each layer's owner the
+whole layer (:meth:`_owner_view`): one ``all_to_all`` per dtype (``gather_to_owners``)
+concatenates every rank's rows of the owned parameters and of their (already
+reduce-scattered) gradients on the owner, where plain full tensors stand in for the DTensors
+(param groups, ``optimizer.state``, the capture's layers, the block table); owners update
+them, and a second ``all_to_all`` (``scatter_rows_from_owners``) sends every rank its rows of
+the new values. Per step a rank receives about ``2/W`` of the model (its layers' parameters
+and gradients) plus ``1/W`` (its rows), and holds full copies of its own layers only; there
+is no full-model gather. Layouts other than FSDP2's (several meshes, other placements, blocks
+mixing DTensor and plain parameters) fall back to
+:func:`~secondorder.distributed.full_view.full_view`, where every rank gathers every
+parameter and gradient and the owners' values are all-gathered. Either way the result equals
+single-process training on the global batch, and the optimizer state is plain, full-size
+and held by the owner only (checkpoints behave as under DDP). A multi-rank ``distributor``
+is required (``distributor=True``); with the single-process default the step raises
 ``ValueError``.
 """
 
@@ -53,9 +58,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from secondorder.distributed.distributor import Distributor
-from secondorder.distributed.full_view import full_view
+from secondorder.distributed.full_view import dtensor_params, full_view, swap_optimizer
 
 __all__ = ["LayerOwnership"]
 
@@ -93,6 +99,7 @@ class LayerOwnership:
         self._owner_of: dict[int, int] = {}
         self._hidden: list[tuple[Tensor, Tensor]] = []
         self._active: list[bool] = []
+        self._sharded_blocks: set[int] = set()  # blocks whose new values the owner view scatters
 
     # -- blocks and owners ------------------------------------------------------------------
     def blocks(self) -> tuple[list[list[Tensor]], list[int]]:
@@ -203,13 +210,21 @@ class LayerOwnership:
 
     @contextlib.contextmanager
     def owned_step(self) -> Iterator[None]:
-        """``begin()`` … ``finish()`` around an optimizer step's body, on a full view of DTensor params.
+        """``begin()`` … ``finish()`` around an optimizer step's body; DTensor (FSDP2) parameters
+        are seen whole by their owners (:meth:`_owner_view`) or, for layouts it does not cover,
+        by every rank (:func:`~secondorder.distributed.full_view.full_view`).
 
         If the body raises, the hidden gradients are still given back (no all-gather then)
         and DTensor parameters are restored unchanged, so a failed step never leaves the
         user's ``.grad`` missing or a full tensor in the optimizer's place.
         """
-        with full_view(self.optimizer, self.distributor, self._swap_params):
+        sharded = dtensor_params(self.optimizer)
+        rows = self._row_layout(sharded) if sharded else None
+        if rows is not None:
+            view = self._owner_view(sharded, rows)
+        else:
+            view = full_view(self.optimizer, self.distributor, self._swap_params)
+        with view:
             self.begin()
             try:
                 yield
@@ -217,6 +232,84 @@ class LayerOwnership:
                 self._restore_gradients()
                 raise
             self.finish()
+
+    # -- FSDP2: each owner gathers only its own layers --------------------------------------
+    def _row_layout(self, params: list[DTensor]) -> dict[int, list[int]] | None:
+        """Rows of each DTensor parameter per rank, when every one is ``Shard(0)`` on a 1-D mesh
+        whose ranks are the distributor's (FSDP2's ``fully_shard`` layout) and every block is
+        wholly sharded or wholly plain; ``None`` otherwise (the full view serves those)."""
+        world, rank = self.distributor.world_size, self.distributor.rank
+        if world == 1:
+            return None
+        blocks, _ = self.blocks()
+        if any(len({isinstance(p, DTensor) for p in block}) > 1 for block in blocks):
+            return None
+        rows: dict[int, list[int]] = {}
+        for param in params:
+            mesh = param.device_mesh
+            grad = param.grad
+            if (param.dim() == 0 or mesh.ndim != 1 or mesh.size() != world
+                    or mesh.get_local_rank() != rank or tuple(param.placements) != (Shard(0),)
+                    or (grad is not None and (not isinstance(grad, DTensor)
+                                              or tuple(grad.placements) != (Shard(0),)))):
+                return None
+            chunk = -(-param.shape[0] // world)  # torch.chunk's split, as FSDP2 shards
+            counts = [max(0, min(chunk, param.shape[0] - r * chunk)) for r in range(world)]
+            if counts[rank] != param.to_local().shape[0]:
+                return None
+            rows[id(param)] = counts
+        return rows
+
+    @contextlib.contextmanager
+    def _owner_view(self, params: list[DTensor], rows: dict[int, list[int]]) -> Iterator[None]:
+        """The owner of each DTensor parameter's block gets it whole, with its whole gradient;
+        other ranks keep the DTensor (its gradient hidden by :meth:`begin`). After the body, one
+        ``all_to_all`` per dtype sends every rank its rows of the owners' new values.
+
+        Per step each rank receives the parameters and gradients of the layers it owns (about
+        ``2/W`` of the model) and its own rows of every parameter (``1/W``), instead of the
+        whole model's parameters, gradients and updates (``3×``) under the full view; and it
+        holds full copies of its own layers only.
+        """
+        self.blocks()
+        owners = [self._owner_of[id(p)] for p in params]
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            tensors = [p.to_local().detach() for p in params] + [g.to_local() for g in grads if g is not None]
+            tensor_owners = owners + [o for o, g in zip(owners, grads, strict=True) if g is not None]
+            gathered = self.distributor.gather_to_owners(tensors, tensor_owners)
+        gathered_grads = iter(gathered[len(params):])
+        forward: dict[int, Tensor] = {}
+        for param, full, grad in zip(params, gathered[: len(params)], grads, strict=True):
+            full_grad = next(gathered_grads) if grad is not None else None
+            if full is None:
+                continue
+            full = full.view(param.shape)
+            full.requires_grad_(param.requires_grad)
+            if full_grad is not None:
+                full.grad = full_grad.view(param.shape)
+            forward[id(param)] = full
+        backward = {id(full): param for param in params if (full := forward.get(id(param))) is not None}
+        self._sharded_blocks = {
+            index for index, block in enumerate(self._blocks) if isinstance(block[0], DTensor)
+        }
+        done = []
+        try:
+            for swap in (lambda m: swap_optimizer(self.optimizer, m), self._swap_params):
+                swap(forward)
+                done.append(swap)
+            yield
+            news = [forward.get(id(p)) for p in params]
+            with torch.no_grad():
+                pieces = self.distributor.scatter_rows_from_owners(
+                    [None if v is None else v.detach() for v in news], owners,
+                    [rows[id(p)] for p in params], [p.to_local() for p in params])
+                for param, piece in zip(params, pieces, strict=True):
+                    param.to_local().copy_(piece)
+        finally:
+            for swap in reversed(done):
+                swap(backward)
+            self._sharded_blocks = set()
 
     def _swap_params(self, mapping: Mapping[int, Tensor]) -> None:
         """Replace each tensor whose ``id`` is in ``mapping`` in the layers and the block table."""
@@ -245,9 +338,10 @@ class LayerOwnership:
         if self.distributor.world_size == 1:
             return
         blocks, owners = self.blocks()
-        flat = [
-            torch.cat([p.detach().reshape(-1) for p in block]) if active else None
-            for block, active in zip(blocks, self._active, strict=False)
+        flat = [  # the owner view's sharded blocks reach the ranks by its own scatter
+            torch.cat([p.detach().reshape(-1) for p in block])
+            if active and index not in self._sharded_blocks else None
+            for index, (block, active) in enumerate(zip(blocks, self._active, strict=False))
         ]
         rank = self.distributor.rank
         values = [v if owner == rank else None for v, owner in zip(flat, owners, strict=True)]
