@@ -33,7 +33,8 @@ cannot be distributed this way.
 FSDP2 (``fully_shard``: DTensor parameters and gradients, ``Shard(0)``). What is
 preconditioned is the *full layer*, exactly as under DDP: a Kronecker factor on the output
 side mixes the rows FSDP2 shards. :meth:`owned_step` therefore hands each layer's owner the
-whole layer (:meth:`_owner_view`): one ``all_to_all`` per dtype (``gather_to_owners``)
+whole layer (:func:`~secondorder.distributed.full_view.owner_view`): one ``all_to_all`` per
+dtype (``gather_to_owners``)
 concatenates every rank's rows of the owned parameters and of their (already
 reduce-scattered) gradients on the owner, where plain full tensors stand in for the DTensors
 (param groups, ``optimizer.state``, the capture's layers, the block table); owners update
@@ -58,10 +59,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from secondorder.distributed.distributor import Distributor
-from secondorder.distributed.full_view import dtensor_params, full_view, swap_optimizer
+from secondorder.distributed.full_view import dtensor_params, full_view, owner_view, row_layout
 
 __all__ = ["LayerOwnership"]
 
@@ -235,80 +236,26 @@ class LayerOwnership:
 
     # -- FSDP2: each owner gathers only its own layers --------------------------------------
     def _row_layout(self, params: list[DTensor]) -> dict[int, list[int]] | None:
-        """Rows of each DTensor parameter per rank, when every one is ``Shard(0)`` on a 1-D mesh
-        whose ranks are the distributor's (FSDP2's ``fully_shard`` layout) and every block is
-        wholly sharded or wholly plain; ``None`` otherwise (the full view serves those)."""
-        world, rank = self.distributor.world_size, self.distributor.rank
-        if world == 1:
-            return None
+        """:func:`~secondorder.distributed.full_view.row_layout`, and ``None`` where a block
+        mixes DTensor and plain parameters."""
         blocks, _ = self.blocks()
         if any(len({isinstance(p, DTensor) for p in block}) > 1 for block in blocks):
             return None
-        rows: dict[int, list[int]] = {}
-        for param in params:
-            mesh = param.device_mesh
-            grad = param.grad
-            if (param.dim() == 0 or mesh.ndim != 1 or mesh.size() != world
-                    or mesh.get_local_rank() != rank or tuple(param.placements) != (Shard(0),)
-                    or (grad is not None and (not isinstance(grad, DTensor)
-                                              or tuple(grad.placements) != (Shard(0),)))):
-                return None
-            chunk = -(-param.shape[0] // world)  # torch.chunk's split, as FSDP2 shards
-            counts = [max(0, min(chunk, param.shape[0] - r * chunk)) for r in range(world)]
-            if counts[rank] != param.to_local().shape[0]:
-                return None
-            rows[id(param)] = counts
-        return rows
+        return row_layout(params, self.distributor)
 
     @contextlib.contextmanager
     def _owner_view(self, params: list[DTensor], rows: dict[int, list[int]]) -> Iterator[None]:
-        """The owner of each DTensor parameter's block gets it whole, with its whole gradient;
-        other ranks keep the DTensor (its gradient hidden by :meth:`begin`). After the body, one
-        ``all_to_all`` per dtype sends every rank its rows of the owners' new values.
-
-        Per step each rank receives the parameters and gradients of the layers it owns (about
-        ``2/W`` of the model) and its own rows of every parameter (``1/W``), instead of the
-        whole model's parameters, gradients and updates (``3×``) under the full view; and it
-        holds full copies of its own layers only.
-        """
+        """:func:`~secondorder.distributed.full_view.owner_view` over the layers' owners; the
+        owner view's blocks are left out of :meth:`finish`'s all-gather (it scatters them)."""
         self.blocks()
         owners = [self._owner_of[id(p)] for p in params]
-        grads = [p.grad for p in params]
-        with torch.no_grad():
-            tensors = [p.to_local().detach() for p in params] + [g.to_local() for g in grads if g is not None]
-            tensor_owners = owners + [o for o, g in zip(owners, grads, strict=True) if g is not None]
-            gathered = self.distributor.gather_to_owners(tensors, tensor_owners)
-        gathered_grads = iter(gathered[len(params):])
-        forward: dict[int, Tensor] = {}
-        for param, full, grad in zip(params, gathered[: len(params)], grads, strict=True):
-            full_grad = next(gathered_grads) if grad is not None else None
-            if full is None:
-                continue
-            full = full.view(param.shape)
-            full.requires_grad_(param.requires_grad)
-            if full_grad is not None:
-                full.grad = full_grad.view(param.shape)
-            forward[id(param)] = full
-        backward = {id(full): param for param in params if (full := forward.get(id(param))) is not None}
         self._sharded_blocks = {
             index for index, block in enumerate(self._blocks) if isinstance(block[0], DTensor)
         }
-        done = []
         try:
-            for swap in (lambda m: swap_optimizer(self.optimizer, m), self._swap_params):
-                swap(forward)
-                done.append(swap)
-            yield
-            news = [forward.get(id(p)) for p in params]
-            with torch.no_grad():
-                pieces = self.distributor.scatter_rows_from_owners(
-                    [None if v is None else v.detach() for v in news], owners,
-                    [rows[id(p)] for p in params], [p.to_local() for p in params])
-                for param, piece in zip(params, pieces, strict=True):
-                    param.to_local().copy_(piece)
+            with owner_view(self.optimizer, self.distributor, params, owners, rows, self._swap_params):
+                yield
         finally:
-            for swap in reversed(done):
-                swap(backward)
             self._sharded_blocks = set()
 
     def _swap_params(self, mapping: Mapping[int, Tensor]) -> None:

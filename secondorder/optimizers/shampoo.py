@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor
-from secondorder.distributed.full_view import dtensor_params, full_view, mesh_distributor
+from secondorder.distributed.full_view import dtensor_params, full_view, mesh_distributor, owner_view, row_layout
 from secondorder.distributed.sharding import is_sharded, shard_key_prefix
 from secondorder.optimizers.base import (
     ParamsT,
@@ -161,18 +162,20 @@ class Shampoo(SecondOrderOptimizer):
     FSDP2 (``fully_shard``) parameters are DTensors, each rank holding a shard (by default a
     contiguous range of rows). ``fsdp_mode`` says what is preconditioned:
 
-    * ``"lossless"`` (default): the same optimizer as in one process. Each step runs on a
-      full view of the parameters (:func:`~secondorder.distributed.full_view.full_view`:
-      every DTensor parameter and its reduce-scattered gradient are all-gathered into plain
-      full tensors), the whole-parameter blocks are owned by one rank each (cost-balanced, as
-      under DDP), the owners' updates are all-gathered in the blocks' own dtype, and each rank
-      copies its shard of the new values back. Results equal single-process / DDP Shampoo
-      (float64: within 1e-12 relative, tested at 2 and 4 ranks); block state is plain,
-      full-size and held by its owner under the DDP keys (``"block_3"``), so DCP checkpoints
-      reshard to any world size, one process included. Without a multi-rank ``distributor``
-      the FSDP2 mesh's process group (a 1-D mesh) distributes the blocks. Memory and traffic
-      per step: one full copy of each parameter and its gradient on every rank during the
-      step (two all-gathers of the model's size plus the updates' all-gather).
+    * ``"lossless"`` (default): the same optimizer as in one process. Each FSDP2 parameter
+      is owned whole by one rank (cost- and size-balanced over parameters); its owner receives
+      every rank's rows of it and of its reduce-scattered gradient
+      (:func:`~secondorder.distributed.full_view.owner_view`, one ``all_to_all`` per dtype),
+      preconditions its blocks exactly as single-process Shampoo does, applies the update,
+      and sends every rank its rows of the new values. Results equal single-process / DDP
+      Shampoo (float64: bitwise at 2 ranks, within 1e-12 relative at 4, tested); block state
+      is plain, full-size and held by the owner under the DDP keys (``"block_3"``), so DCP
+      checkpoints reshard to any world size, one process included. Without a multi-rank
+      ``distributor`` the FSDP2 mesh's process group (a 1-D mesh) distributes the parameters.
+      Per step a rank receives about ``2/W`` of the model (its parameters and gradients) and
+      ``1/W`` (its rows), and holds full copies of its own parameters only. Layouts other
+      than FSDP2's (``Shard(0)`` on one 1-D mesh) fall back to a full view (every parameter
+      and gradient all-gathered on every rank, blocks owned as under DDP).
     * ``"local_shard"``: each rank preconditions exactly its local shard, cut into blocks like
       any tensor of that shape, with no communication and no ``distributor`` needed
       (replicated parameters in the same optimizer still use the distributor). This is
@@ -254,6 +257,7 @@ class Shampoo(SecondOrderOptimizer):
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
         self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
+        self._whole_on_owner: set[int] = set()  # lossless FSDP2: ids of the whole params owned here
         self._skips_reported: dict[int, int] = {}  # id(block state) → skips already warned about
 
     _meaning_keys = ("eigenvalue_correction",)  # SOAP state is not Shampoo state
@@ -356,25 +360,43 @@ class Shampoo(SecondOrderOptimizer):
         signature = tuple((id(p), group["max_preconditioner_dim"]) for group in self.param_groups
                           for p in group["params"])
         if signature != self._block_signature:
-            # FSDP2 shards are not distributed further: each rank preconditions its own.
-            self._shard_prefixes = {id(p): shard_key_prefix(p) for group in self.param_groups
-                                    for p in group["params"] if is_sharded(p)}
+            # FSDP2 shards are not distributed further: each rank preconditions its own; so does
+            # the owner of a whole FSDP2 parameter in the lossless mode (its blocks' keys unprefixed).
+            whole = getattr(self, "_whole_on_owner", set())
+            self._shard_prefixes = {id(p): "" if id(p) in whole else shard_key_prefix(p)
+                                    for group in self.param_groups for p in group["params"]
+                                    if id(p) in whole or is_sharded(p)}
             costs, sizes = [], []
             for group in self.param_groups:
                 for p in group["params"]:
-                    if id(p) in self._shard_prefixes:
-                        continue
-                    for shape in self._layout(p, group).shapes:
-                        numel = math.prod(shape)
-                        costs.append(sum(d**3 + 4 * d * d for d in shape) + 3 * numel)
-                        # State elements: factors and roots (or bases) per dim, plus the
-                        # moments (Λ too in SOAP mode); 1-D blocks keep only the moments.
-                        kronecker = p.dim() > 1 or group["precondition_1d"]
-                        sizes.append((sum(2 * d * d for d in shape) if kronecker else 0)
-                                     + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel)
+                    if id(p) not in self._shard_prefixes:
+                        for cost, size in self._block_costs(p, group):
+                            costs.append(cost)
+                            sizes.append(size)
             self._block_signature = signature
             self._owners = self.distributor.assign(costs, sizes)
         return self._owners
+
+    def _block_costs(self, param: Tensor, group: dict[str, Any]) -> list[tuple[float, float]]:
+        """Per block of ``param``: its amortised cost ``Σ d³ + 4d² + 3n`` and its state elements
+        (factors and roots or bases per dim, plus the moments, Λ too in SOAP mode; 1-D blocks
+        keep only the moments)."""
+        kronecker = param.dim() > 1 or group["precondition_1d"]
+        result = []
+        for shape in self._layout(param, group).shapes:
+            numel = math.prod(shape)
+            result.append((sum(d**3 + 4 * d * d for d in shape) + 3 * numel,
+                           (sum(2 * d * d for d in shape) if kronecker else 0)
+                           + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel))
+        return result
+
+    def _parameter_owners(self, params: list[Tensor]) -> list[int]:
+        """Lossless FSDP2: one owner per whole parameter, balancing its blocks' summed costs
+        and state sizes (:func:`~secondorder.distributed.distributor.assign_owners`)."""
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        totals = [self._block_costs(p, group_of[id(p)]) for p in params]
+        return self.distributor.assign([sum(c for c, _ in blocks) for blocks in totals],
+                                       [sum(s for _, s in blocks) for blocks in totals])
 
     # -- the step ---------------------------------------------------------------------------
     def _step(self) -> None:
@@ -386,8 +408,23 @@ class Shampoo(SecondOrderOptimizer):
         distributor = mesh_distributor(self.distributor, sharded)
         if distributor is not self.distributor:
             self.distributor, self._block_signature = distributor, None
-        with full_view(self, self.distributor):  # whole parameters, as in one process
-            self._blocks_step()
+        rows = row_layout(sharded, self.distributor)
+        if rows is None:  # not FSDP2's layout: every rank sees every parameter whole
+            with full_view(self, self.distributor):
+                self._blocks_step()
+            return
+        owners = self._parameter_owners(sharded)
+        with owner_view(self, self.distributor, sharded, owners, rows) as whole:
+            hidden = [(p, p.grad) for p in sharded if id(p) not in whole and p.grad is not None]
+            for param, _ in hidden:  # other ranks' parameters: skipped here, scattered by their owners
+                param.grad = None
+            self._whole_on_owner = {id(full) for full in whole.values()}
+            try:
+                self._blocks_step()
+            finally:
+                self._whole_on_owner = set()
+                for param, grad in hidden:
+                    param.grad = grad
 
     def _blocks_step(self) -> None:
         """The step over the param groups' blocks (plain tensors, or FSDP2 local shards)."""
@@ -403,8 +440,9 @@ class Shampoo(SecondOrderOptimizer):
             block_jobs = []
             for param in group["params"]:
                 prefix = self._shard_prefixes.get(id(param))
-                sharded = prefix is not None
-                weight = param.to_local() if sharded else param
+                sharded = prefix is not None  # computed and applied on this rank alone
+                local = sharded and isinstance(param, DTensor)
+                weight = param.to_local() if local else param
                 layout = self._layout(weight, group)
                 if not sharded:
                     indices = range(global_index, global_index + len(layout))
@@ -421,7 +459,7 @@ class Shampoo(SecondOrderOptimizer):
                     state["step"] = torch.zeros((), dtype=torch.int64)
                 state["step"].add_(1)
                 step = int(state["step"])
-                grad_blocks = layout.blocks(param.grad.to_local() if sharded else param.grad)
+                grad_blocks = layout.blocks(param.grad.to_local() if local else param.grad)
                 param_blocks = layout.blocks(weight)
                 for local_index, (grad_block, param_block) in enumerate(zip(grad_blocks, param_blocks)):
                     key = f"{prefix or ''}block_{local_index}"

@@ -1,6 +1,7 @@
 """Shampoo and SOAP on FSDP2 ``fully_shard`` parameters in the default ``fsdp_mode="lossless"``.
 
-The whole parameters are preconditioned, each block by one rank, exactly as under DDP: the run
+Each FSDP2 parameter is gathered whole on its owner only (never the whole model on every rank:
+the full view is refused in these runs) and preconditioned exactly as under DDP: the run
 must equal the single-process split-batch baseline of ``test_exactness.py`` (each rank on its
 share of every batch; ``Σ_r g_r / W`` accumulated in one process) within 1e-12 relative in
 float64, at 2 and 4 gloo ranks, on the toy MLP (uneven shards: the 3-row output layer leaves
@@ -54,7 +55,14 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().full_tensor().clone() for p in model.parameters()]
 
 
+def _refuse_full_view(*args, **kwargs):
+    raise AssertionError("full_view used: every rank gathered the whole model")
+
+
 def _train_body(rank: int, world_size: int) -> dict:
+    from secondorder.optimizers import shampoo
+
+    shampoo.full_view = _refuse_full_view  # FSDP2's layout: each owner gathers its own parameters only
     out = {}
     for name in NAMES:
         model = _shard(make_model(dtype=F64))
