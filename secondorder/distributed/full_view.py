@@ -167,6 +167,7 @@ def owner_view(
     owners: list[int],
     rows: dict[int, list[int]],
     swap: Swap | None = None,
+    hide_others: bool = False,
 ) -> Iterator[dict[int, Tensor]]:
     """Run a step body where each DTensor parameter is whole on its owner only (collective).
 
@@ -191,6 +192,8 @@ def owner_view(
         owners: the owner rank of each.
         rows: :func:`row_layout`'s rows per rank of each.
         swap: further references to swap (as for :func:`full_view`).
+        hide_others: set the gradients of the parameters other ranks own to ``None`` for the
+            body (given back afterwards), so that an optimizer skips them.
 
     Yields:
         ``{id(DTensor parameter): its full plain tensor}`` for the parameters this rank owns.
@@ -216,7 +219,10 @@ def owner_view(
     if swap is not None:
         swaps.append(swap)
     done: list[Swap] = []
+    hidden = [(p, g) for p, g in zip(params, grads, strict=True) if hide_others and id(p) not in forward]
     try:
+        for param, _ in hidden:
+            param.grad = None
         for function in swaps:
             function(forward)
             done.append(function)
@@ -231,6 +237,8 @@ def owner_view(
     finally:
         for function in reversed(done):
             function(backward)
+        for param, grad in hidden:
+            param.grad = grad
 
 
 def _gather(params: list[DTensor]) -> list[Tensor]:

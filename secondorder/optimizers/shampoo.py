@@ -159,32 +159,26 @@ class Shampoo(SecondOrderOptimizer):
             parameters are preconditioned (see "FSDP2" below); ignored without DTensor
             parameters.
 
-    FSDP2 (``fully_shard``) parameters are DTensors, each rank holding a shard (by default a
-    contiguous range of rows). ``fsdp_mode`` says what is preconditioned:
+    FSDP2 (``fully_shard``) parameters are DTensors, each rank holding a shard (a range of
+    rows). ``fsdp_mode`` says what is preconditioned:
 
-    * ``"lossless"`` (default): the same optimizer as in one process. Each FSDP2 parameter
-      is owned whole by one rank (cost- and size-balanced over parameters); its owner receives
-      every rank's rows of it and of its reduce-scattered gradient
-      (:func:`~secondorder.distributed.full_view.owner_view`, one ``all_to_all`` per dtype),
-      preconditions its blocks exactly as single-process Shampoo does, applies the update,
-      and sends every rank its rows of the new values. Results equal single-process / DDP
-      Shampoo (float64: bitwise at 2 ranks, within 1e-12 relative at 4, tested); block state
-      is plain, full-size and held by the owner under the DDP keys (``"block_3"``), so DCP
-      checkpoints reshard to any world size, one process included. Without a multi-rank
-      ``distributor`` the FSDP2 mesh's process group (a 1-D mesh) distributes the parameters.
-      Per step a rank receives about ``2/W`` of the model (its parameters and gradients) and
-      ``1/W`` (its rows), and holds full copies of its own parameters only. Layouts other
-      than FSDP2's (``Shard(0)`` on one 1-D mesh) fall back to a full view (every parameter
-      and gradient all-gathered on every rank, blocks owned as under DDP).
-    * ``"local_shard"``: each rank preconditions exactly its local shard, cut into blocks like
-      any tensor of that shape, with no communication and no ``distributor`` needed
-      (replicated parameters in the same optimizer still use the distributor). This is
-      Shampoo with every parameter also split at the shard boundaries: it equals
-      single-process Shampoo whose ``max_preconditioner_dim`` cuts the parameters at those
-      boundaries (tested), and differs from an unsharded run otherwise (like
-      distributed_shampoo's default FSDP2 mode). Block state is keyed by the shard
-      (``"shard@8,0:8x6_block_0"``: global offset and local shape), so DCP checkpoints resume
-      at the same world size and refuse other shard boundaries with a clear error.
+    * ``"lossless"`` (default): whole parameters, so the same optimizer as in one process. Each
+      FSDP2 parameter is owned by one rank (block costs and sizes balanced), which alone
+      receives it whole with its gradient, preconditions it as single-process Shampoo does and
+      sends every rank its rows of the new values
+      (:func:`~secondorder.distributed.full_view.owner_view`; per step about ``3/W`` of the
+      model moves to each rank, and full copies exist of owned parameters only). Equal to
+      single-process / DDP Shampoo (float64: bitwise at 2 ranks, within 1e-12 at 4, tested);
+      state is plain, full-size, on the owner, under DDP's keys (``"block_3"``), so DCP
+      checkpoints reshard to any world size. Without a multi-rank ``distributor`` the FSDP2
+      mesh's group is used. Other layouts than ``Shard(0)`` on one 1-D mesh fall back to a
+      full view (the whole model gathered on every rank).
+    * ``"local_shard"``: each rank preconditions its local shard, cut into blocks like any
+      tensor of that shape, with no communication: Shampoo with every parameter also split at
+      the shard boundaries (equal to single-process Shampoo whose ``max_preconditioner_dim``
+      cuts there, tested; like distributed_shampoo's default FSDP2 mode). State keys name the
+      shard (``"shard@8,0:8x6_block_0"``), so checkpoints resume at the same shard boundaries
+      only (others are refused with a clear error).
 
     Example::
 
@@ -413,18 +407,14 @@ class Shampoo(SecondOrderOptimizer):
             with full_view(self, self.distributor):
                 self._blocks_step()
             return
-        owners = self._parameter_owners(sharded)
-        with owner_view(self, self.distributor, sharded, owners, rows) as whole:
-            hidden = [(p, p.grad) for p in sharded if id(p) not in whole and p.grad is not None]
-            for param, _ in hidden:  # other ranks' parameters: skipped here, scattered by their owners
-                param.grad = None
+        # Other ranks' parameters are skipped here (gradients hidden) and scattered by their owners.
+        with owner_view(self, self.distributor, sharded, self._parameter_owners(sharded), rows,
+                        hide_others=True) as whole:
             self._whole_on_owner = {id(full) for full in whole.values()}
             try:
                 self._blocks_step()
             finally:
                 self._whole_on_owner = set()
-                for param, grad in hidden:
-                    param.grad = grad
 
     def _blocks_step(self) -> None:
         """The step over the param groups' blocks (plain tensors, or FSDP2 local shards)."""
