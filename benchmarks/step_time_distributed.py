@@ -133,12 +133,14 @@ def _unit_bytes(optimizer: torch.optim.Optimizer) -> list[int]:
 
 
 def _record_assignment(distributor: Any, record: dict[str, list]) -> None:
-    """Keep the costs the optimizer hands ``distributor.assign`` and the owners it gets back."""
+    """Keep the costs the optimizer hands ``distributor.assign`` and the owners it gets back (the
+    last non-empty call: lossless FSDP2 Shampoo assigns whole parameters, then no other block)."""
     assign = distributor.assign
 
     def recorded(costs, sizes=None):
         owners = assign(costs, sizes)
-        record["costs"], record["owners"] = list(costs), list(owners)
+        if len(costs):
+            record["costs"], record["owners"] = list(costs), list(owners)
         return owners
 
     distributor.assign = recorded
