@@ -263,6 +263,7 @@ class Shampoo(SecondOrderOptimizer):
     def _rebuild_runtime(self) -> None:
         super()._rebuild_runtime()
         self._block_signature = None
+        self._parameter_owner_cache = None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -386,11 +387,16 @@ class Shampoo(SecondOrderOptimizer):
 
     def _parameter_owners(self, params: list[Tensor]) -> list[int]:
         """Lossless FSDP2: one owner per whole parameter, balancing its blocks' summed costs
-        and state sizes (:func:`~secondorder.distributed.distributor.assign_owners`)."""
+        and state sizes (:func:`~secondorder.distributed.distributor.assign_owners`); cached."""
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        totals = [self._block_costs(p, group_of[id(p)]) for p in params]
-        return self.distributor.assign([sum(c for c, _ in blocks) for blocks in totals],
-                                       [sum(s for _, s in blocks) for blocks in totals])
+        key = tuple((id(p), group_of[id(p)]["max_preconditioner_dim"]) for p in params)
+        cached = getattr(self, "_parameter_owner_cache", None)
+        if cached is None or cached[0] != key or cached[1] != self.distributor.world_size:
+            totals = [self._block_costs(p, group_of[id(p)]) for p in params]
+            owners = self.distributor.assign([sum(c for c, _ in blocks) for blocks in totals],
+                                             [sum(s for _, s in blocks) for blocks in totals])
+            self._parameter_owner_cache = (key, self.distributor.world_size, owners)
+        return self._parameter_owner_cache[2]
 
     # -- the step ---------------------------------------------------------------------------
     def _step(self) -> None:
