@@ -10,7 +10,9 @@
 * :mod:`~secondorder.distributed.elastic` — joining the process group under ``torchrun`` so
   that restarts reconnect and lost or frozen peers end in bounded time;
 * :mod:`~secondorder.distributed.full_view` / :mod:`~secondorder.distributed.sharding` —
-  FSDP2 (DTensor) parameters: full views for layer optimizers, per-shard state for Shampoo;
+  FSDP2 (DTensor) parameters: owner views (each parameter whole on its owner only: the
+  capture optimizers' layers, lossless Shampoo's parameters), full views for other layouts,
+  per-shard state for Shampoo's ``fsdp_mode="local_shard"``;
 * :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding, and
   :mod:`~secondorder.distributed.checkpoint_files` — atomic commits, completion markers,
   newest-complete lookup, pruning and preflight checks.

@@ -68,7 +68,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from secondorder.distributed import checkpoint_files
 from secondorder.distributed.checkpoint_files import CheckpointError, latest_checkpoint
-from secondorder.distributed.sharding import check_shard_layout
+from secondorder.distributed.sharding import check_shard_layout, is_sharded
 
 __all__ = [
     "CheckpointError",
@@ -194,7 +194,7 @@ def load_checkpoint(
             else value.clone()
             for key, value in extra.items()
         }
-    check_shard_layout(saved, _paths(state["optim"]["state"], "optim.state"))
+    check_shard_layout(saved, _paths(state["optim"]["state"], "optim.state"), _whole_parameters(optimizer))
     state["optim"]["state"] = _prune(state["optim"]["state"], "optim.state", set(saved))
     for fqn, entry in state["optim"]["state"].items():
         _extend(entry, f"optim.state.{fqn}", saved)
@@ -431,3 +431,11 @@ def _prune(
         elif path in saved_keys or (prefixes and any(k.startswith(path) for k in saved_keys)):
             kept[key] = value
     return kept
+
+
+def _whole_parameters(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` preconditions whole parameters (all but Shampoo's local-shard mode
+    on FSDP2 parameters)."""
+    if getattr(optimizer, "fsdp_mode", None) != "local_shard":
+        return True
+    return not any(is_sharded(p) for group in optimizer.param_groups for p in group["params"])

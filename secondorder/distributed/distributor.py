@@ -164,6 +164,29 @@ class Distributor:
         _check_lengths(tensors, owners, None)
         return list(tensors)
 
+    def scatter_rows_from_owners(
+        self,
+        values: Sequence[Tensor | None],
+        owners: Sequence[int],
+        rows: Sequence[Sequence[int]],
+        like: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """The inverse of :meth:`gather_to_owners`: each rank receives its rows of each block.
+
+        Args:
+            values: per block, on its owner, the whole ``(Σ_r rows[i][r], *rest)`` tensor
+                (``None`` elsewhere).
+            owners: per block, its owner rank.
+            rows: per block, the number of rows each rank receives (rank order; the owner's
+                tensor is cut into consecutive pieces of these sizes).
+            like: per block, this rank's destination ``(rows[i][rank], *rest)`` (shape and dtype).
+
+        Returns:
+            Per block, this rank's rows (exact: sent in the values' own dtype).
+        """
+        _check_lengths(values, owners, like)
+        return [values[i].narrow(0, 0, rows[i][0]) for i in range(len(values))]
+
     def all_gather_values(
         self, values: Sequence[Tensor | None], owners: Sequence[int], like: Sequence[Tensor | None]
     ) -> list[Tensor | None]:
@@ -402,7 +425,61 @@ class AllGatherDistributor(Distributor):
                 result[index] = tensor
         return result
 
+    def scatter_rows_from_owners(
+        self,
+        values: Sequence[Tensor | None],
+        owners: Sequence[int],
+        rows: Sequence[Sequence[int]],
+        like: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """Per dtype: one ``all_to_all_single`` from the owners to every rank
+        (:meth:`Distributor.scatter_rows_from_owners`)."""
+        _check_lengths(values, owners, like)
+        result: list[Tensor | None] = [None] * len(like)
+        for dtype in sorted({t.dtype for t in like}, key=str):
+            indices = [i for i, t in enumerate(like) if t.dtype == dtype]
+            pieces = self._scatter_same_dtype(values, owners, rows, like, indices)
+            for index, tensor in zip(indices, pieces, strict=True):
+                result[index] = tensor
+        return result
+
     # -- helpers ----------------------------------------------------------------------------
+    def _scatter_same_dtype(
+        self,
+        values: Sequence[Tensor | None],
+        owners: Sequence[int],
+        rows: Sequence[Sequence[int]],
+        like: Sequence[Tensor],
+        indices: list[int],
+    ) -> list[Tensor]:
+        mine = [i for i in indices if owners[i] == self.rank]
+        starts = {i: [sum(rows[i][:r]) for r in range(self.world_size)] for i in mine}
+        send = [
+            values[i].narrow(0, starts[i][target], rows[i][target]).reshape(-1)
+            for target in range(self.world_size)
+            for i in mine
+        ]
+        send_splits = [
+            sum(rows[i][target] * _row_numel(like[i]) for i in mine) for target in range(self.world_size)
+        ]
+        receive_splits = [
+            sum(rows[i][self.rank] * _row_numel(like[i]) for i in indices if owners[i] == source)
+            for source in range(self.world_size)
+        ]
+        device, dtype = like[indices[0]].device, like[indices[0]].dtype
+        payload = torch.cat(send) if send else torch.empty(0, dtype=dtype, device=device)
+        output = torch.empty(sum(receive_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(output, payload, receive_splits, send_splits, group=self.process_group)
+        received: dict[int, Tensor] = {}
+        cursor = 0
+        for source in range(self.world_size):
+            for i in indices:
+                if owners[i] == source:
+                    count = rows[i][self.rank] * _row_numel(like[i])
+                    received[i] = output[cursor : cursor + count].view(like[i].shape)
+                    cursor += count
+        return [received[i] for i in indices]
+
     def _gather_same_dtype(self, tensors: list[Tensor], owners: list[int]) -> list[Tensor | None]:
         device = tensors[0].device
         leading = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long, device=device)

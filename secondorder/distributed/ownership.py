@@ -8,7 +8,8 @@ optimizer-specific code:
    parameter of the param groups (the optimizers' Adam-style fallback) is a block of its own.
    Blocks are listed in param_groups order and assigned by cost (LPT,
    :func:`~secondorder.distributed.distributor.assign_owners`; a layer costs
-   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count, and its state
+   ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count (AdaFisher's
+   diagonal factors: ``d_out + d_in'`` plus its parameter count), and its state
    size — ``2(d_in'² + d_out²) + d_out·d_in'`` plus its parameters, diagonal factors for
    AdaFisher — is balanced too).
 2. **Statistics.** :meth:`gather_stats` hands each owner the layer inputs and output
@@ -31,16 +32,22 @@ cannot be distributed this way.
 
 FSDP2 (``fully_shard``: DTensor parameters and gradients, ``Shard(0)``). What is
 preconditioned is the *full layer*, exactly as under DDP: a Kronecker factor on the output
-side mixes the rows FSDP2 shards, so :meth:`owned_step` runs the step body inside
-:func:`~secondorder.distributed.full_view.full_view`: every DTensor parameter and its
-(already reduce-scattered) gradient are all-gathered into plain full tensors that stand in
-for the DTensors (param groups, ``optimizer.state``, the capture's layers, the block table);
-owners update them, the usual all-gather of owners' values makes them equal everywhere, and
-each rank copies its own shard back. The result equals single-process training on the global
-batch, and the optimizer state is plain, full-size and held by the owner only (checkpoints
-behave as under DDP). Memory: one full copy of each parameter and of its gradient during the
-step (on every rank), plus the owner's full-size state. A multi-rank ``distributor`` is
-required (``distributor=True``); with the single-process default the step raises
+side mixes the rows FSDP2 shards. :meth:`owned_step` therefore hands each layer's owner the
+whole layer (:func:`~secondorder.distributed.full_view.owner_view`): one ``all_to_all`` per
+dtype (``gather_to_owners``)
+concatenates every rank's rows of the owned parameters and of their (already
+reduce-scattered) gradients on the owner, where plain full tensors stand in for the DTensors
+(param groups, ``optimizer.state``, the capture's layers, the block table); owners update
+them, and a second ``all_to_all`` (``scatter_rows_from_owners``) sends every rank its rows of
+the new values. Per step a rank receives about ``2/W`` of the model (its layers' parameters
+and gradients) plus ``1/W`` (its rows), and holds full copies of its own layers only; there
+is no full-model gather. Layouts other than FSDP2's (several meshes, other placements, blocks
+mixing DTensor and plain parameters) fall back to
+:func:`~secondorder.distributed.full_view.full_view`, where every rank gathers every
+parameter and gradient and the owners' values are all-gathered. Either way the result equals
+single-process training on the global batch, and the optimizer state is plain, full-size
+and held by the owner only (checkpoints behave as under DDP). A multi-rank ``distributor``
+is required (``distributor=True``); with the single-process default the step raises
 ``ValueError``.
 """
 
@@ -52,9 +59,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from secondorder.distributed.distributor import Distributor
-from secondorder.distributed.full_view import full_view
+from secondorder.distributed.full_view import dtensor_params, full_view, owner_view, row_layout
 
 __all__ = ["LayerOwnership"]
 
@@ -92,6 +100,7 @@ class LayerOwnership:
         self._owner_of: dict[int, int] = {}
         self._hidden: list[tuple[Tensor, Tensor]] = []
         self._active: list[bool] = []
+        self._sharded_blocks: set[int] = set()  # blocks whose new values the owner view scatters
 
     # -- blocks and owners ------------------------------------------------------------------
     def blocks(self) -> tuple[list[list[Tensor]], list[int]]:
@@ -112,7 +121,7 @@ class LayerOwnership:
                     members = [p for p in (layer.weight, layer.bias) if p is not None]
                     blocks.append(members)
                     numel = sum(p.numel() for p in members)
-                    costs.append(_layer_cost(layer) + numel)
+                    costs.append(_layer_cost(layer, diagonal) + numel)
                     sizes.append(_layer_state_size(layer, diagonal) + numel)
                 elif id(param) not in in_layer:
                     blocks.append([param])
@@ -202,13 +211,21 @@ class LayerOwnership:
 
     @contextlib.contextmanager
     def owned_step(self) -> Iterator[None]:
-        """``begin()`` … ``finish()`` around an optimizer step's body, on a full view of DTensor params.
+        """``begin()`` … ``finish()`` around an optimizer step's body; DTensor (FSDP2) parameters
+        are seen whole by their owners (:meth:`_owner_view`) or, for layouts it does not cover,
+        by every rank (:func:`~secondorder.distributed.full_view.full_view`).
 
         If the body raises, the hidden gradients are still given back (no all-gather then)
         and DTensor parameters are restored unchanged, so a failed step never leaves the
         user's ``.grad`` missing or a full tensor in the optimizer's place.
         """
-        with full_view(self.optimizer, self.distributor, self._swap_params):
+        sharded = dtensor_params(self.optimizer)
+        rows = self._row_layout(sharded) if sharded else None
+        if rows is not None:
+            view = self._owner_view(sharded, rows)
+        else:
+            view = full_view(self.optimizer, self.distributor, self._swap_params)
+        with view:
             self.begin()
             try:
                 yield
@@ -216,6 +233,30 @@ class LayerOwnership:
                 self._restore_gradients()
                 raise
             self.finish()
+
+    # -- FSDP2: each owner gathers only its own layers --------------------------------------
+    def _row_layout(self, params: list[DTensor]) -> dict[int, list[int]] | None:
+        """:func:`~secondorder.distributed.full_view.row_layout`, and ``None`` where a block
+        mixes DTensor and plain parameters."""
+        blocks, _ = self.blocks()
+        if any(len({isinstance(p, DTensor) for p in block}) > 1 for block in blocks):
+            return None
+        return row_layout(params, self.distributor)
+
+    @contextlib.contextmanager
+    def _owner_view(self, params: list[DTensor], rows: dict[int, list[int]]) -> Iterator[None]:
+        """:func:`~secondorder.distributed.full_view.owner_view` over the layers' owners; the
+        owner view's blocks are left out of :meth:`finish`'s all-gather (it scatters them)."""
+        self.blocks()
+        owners = [self._owner_of[id(p)] for p in params]
+        self._sharded_blocks = {
+            index for index, block in enumerate(self._blocks) if isinstance(block[0], DTensor)
+        }
+        try:
+            with owner_view(self.optimizer, self.distributor, params, owners, rows, self._swap_params):
+                yield
+        finally:
+            self._sharded_blocks = set()
 
     def _swap_params(self, mapping: Mapping[int, Tensor]) -> None:
         """Replace each tensor whose ``id`` is in ``mapping`` in the layers and the block table."""
@@ -244,9 +285,10 @@ class LayerOwnership:
         if self.distributor.world_size == 1:
             return
         blocks, owners = self.blocks()
-        flat = [
-            torch.cat([p.detach().reshape(-1) for p in block]) if active else None
-            for block, active in zip(blocks, self._active, strict=False)
+        flat = [  # the owner view's sharded blocks reach the ranks by its own scatter
+            torch.cat([p.detach().reshape(-1) for p in block])
+            if active and index not in self._sharded_blocks else None
+            for index, (block, active) in enumerate(zip(blocks, self._active, strict=False))
         ]
         rank = self.distributor.rank
         values = [v if owner == rank else None for v, owner in zip(flat, owners, strict=True)]
@@ -285,10 +327,15 @@ def _layer_state_size(layer: Any, diagonal: bool) -> float:
     return float(groups * (input_size + 2 * d_out * d_out + d_out * d_in))
 
 
-def _layer_cost(layer: Any) -> float:
-    """Eigendecomposition cost of a layer's two Kronecker factors (diagonal for embeddings)."""
+def _layer_cost(layer: Any, diagonal: bool = False) -> float:
+    """Amortised work of a layer's factors: the eigendecompositions of its two Kronecker
+    factors (``d³``; diagonal for embeddings and norms), or, for diagonal factors (AdaFisher),
+    their ``d_in + d_out`` entries — with no decomposition at all, what remains scales with the
+    layer's parameters (added by the caller), not with ``d³``."""
     d_in, d_out = int(layer.in_features), int(layer.out_features)
     groups = int(getattr(layer, "groups", 1))
+    if diagonal:
+        return float(groups * (d_in + d_out))
     input_cost = (
         d_in
         if getattr(layer, "kind", "linear") in ("embedding", "layernorm", "batchnorm")

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, Shard
 __all__ = ["is_sharded", "shard_key_prefix", "check_shard_layout"]
 
 _SHARD_KEY = re.compile(r"^shard@[0-9,]+:[0-9x]+_")
+_WHOLE_BLOCK_KEY = re.compile(r"^block_[0-9]+$")
 
 
 def is_sharded(param: Tensor) -> bool:
@@ -48,21 +49,42 @@ def shard_key_prefix(param: Tensor) -> str:
     return f"shard@{','.join(map(str, offset))}:{'x'.join(map(str, shape))}_"
 
 
-def check_shard_layout(saved_keys: Iterable[str], template_keys: Iterable[str]) -> None:
-    """Refuse a checkpoint whose per-shard state was cut at other shard boundaries.
+def check_shard_layout(
+    saved_keys: Iterable[str], template_keys: Iterable[str], whole_parameters: bool = False
+) -> None:
+    """Refuse a checkpoint whose per-shard state was cut at other shard boundaries, or whose
+    blocks are cut otherwise than the optimizer's (whole parameters vs local shards).
 
     Args:
         saved_keys: the checkpoint's flattened state paths (``"optim.state.<fqn>.<key>..."``).
         template_keys: the same paths of the state about to be loaded on this rank.
+        whole_parameters: the optimizer preconditions whole parameters (every optimizer but
+            Shampoo with ``fsdp_mode="local_shard"`` on FSDP2 parameters); decided from the
+            optimizer, so every rank raises alike.
 
     Raises:
-        ValueError: some parameter has per-shard state in the checkpoint but none of this
-            rank's shard keys for it (it was saved with other shard boundaries: another world
-            size or mesh).
+        ValueError: the checkpoint holds per-shard state but the optimizer preconditions whole
+            parameters; or some parameter has per-shard state in the checkpoint but none of this
+            rank's shard keys for it (other shard boundaries: another world size or mesh); or
+            this rank preconditions shards of a parameter saved as whole-parameter blocks.
     """
+    saved_keys = list(saved_keys)
     saved_by_param = _shard_keys_by_param(saved_keys)
+    if whole_parameters and saved_by_param:
+        raise ValueError(
+            f"Invalid checkpoint: it holds per-shard preconditioners (Shampoo with fsdp_mode='local_shard') "
+            f"for {sorted(saved_by_param)[:3]}, but this optimizer preconditions whole parameters "
+            "(fsdp_mode='lossless', the default); resume it with fsdp_mode='local_shard' at the same world size"
+        )
+    saved_whole = _whole_block_params(saved_keys)
     for param, keys in _shard_keys_by_param(template_keys).items():
         saved = saved_by_param.get(param)
+        if not saved and param in saved_whole:
+            raise ValueError(
+                f"Invalid checkpoint: the sharded parameter {param!r} was saved with whole-parameter "
+                "blocks (fsdp_mode='lossless', DDP or one process), but this optimizer preconditions "
+                "local shards (fsdp_mode='local_shard'); resume it with fsdp_mode='lossless'"
+            )
         if saved and not keys & saved:
             raise ValueError(
                 f"Invalid checkpoint: optimizer state of the sharded parameter {param!r} was saved for shards "
@@ -70,6 +92,18 @@ def check_shard_layout(saved_keys: Iterable[str], template_keys: Iterable[str]) 
                 "(Shampoo on FSDP2 parameters) resume only with the same shard boundaries (same world size "
                 "and mesh)"
             )
+
+
+def _whole_block_params(paths: Iterable[str]) -> set[str]:
+    """The param paths with whole-parameter block state (``"<param>.block_3..."``)."""
+    found = set()
+    for path in paths:
+        parts = path.split(".")
+        for index, part in enumerate(parts):
+            if _WHOLE_BLOCK_KEY.match(part):
+                found.add(".".join(parts[:index]))
+                break
+    return found
 
 
 def _shard_keys_by_param(paths: Iterable[str]) -> dict[str, set[str]]:

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor
+from secondorder.distributed.full_view import dtensor_params, full_view, mesh_distributor, owner_view, row_layout
 from secondorder.distributed.sharding import is_sharded, shard_key_prefix
 from secondorder.optimizers.base import (
     ParamsT,
@@ -41,6 +43,7 @@ from secondorder.precond.linalg import bias_correction, finite_or_zero, keep_whe
 
 GRAFTING_KINDS = ("none",) + DIAGONAL_KINDS
 WEIGHT_DECAY_KINDS = ("decoupled", "decoupled_before_momentum", "l2")
+FSDP_MODES = ("lossless", "local_shard")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
@@ -158,17 +161,30 @@ class Shampoo(SecondOrderOptimizer):
             shares the updates; use under ``torchrun`` with a DDP model), a
             ``ProcessGroup``, or a :class:`~secondorder.distributed.Distributor`
             (e.g. ``AllGatherDistributor(communication_dtype=torch.bfloat16)``).
+        fsdp_mode: ``"lossless"`` (default) or ``"local_shard"``: how FSDP2-sharded
+            parameters are preconditioned (see "FSDP2" below); ignored without DTensor
+            parameters.
 
-    FSDP2 (``fully_shard``) parameters are DTensors; each rank then preconditions exactly its
-    local shard (by default a contiguous range of rows), cut into blocks like any tensor of
-    that shape, with no communication and no ``distributor`` needed (replicated parameters in
-    the same optimizer still use the distributor). This is Shampoo with every parameter also
-    split at the shard boundaries: it equals single-process Shampoo whose
-    ``max_preconditioner_dim`` cuts the parameters at those boundaries (tested), and it
-    differs from an unsharded run otherwise, like distributed_shampoo's default FSDP2 mode.
-    Block state is keyed by the shard (``"shard@8,0:8x6_block_0"``: global offset and local
-    shape), so DCP checkpoints resume at the same world size and refuse other shard
-    boundaries with a clear error.
+    FSDP2 (``fully_shard``) parameters are DTensors, each rank holding a shard (a range of
+    rows). ``fsdp_mode`` says what is preconditioned:
+
+    * ``"lossless"`` (default): whole parameters, so the same optimizer as in one process. Each
+      FSDP2 parameter is owned by one rank (block costs and sizes balanced), which alone
+      receives it whole with its gradient, preconditions it as single-process Shampoo does and
+      sends every rank its rows of the new values
+      (:func:`~secondorder.distributed.full_view.owner_view`; per step about ``3/W`` of the
+      model moves to each rank, and full copies exist of owned parameters only). Equal to
+      single-process / DDP Shampoo (float64: bitwise at 2 ranks, within 1e-12 at 4, tested);
+      state is plain, full-size, on the owner, under DDP's keys (``"block_3"``), so DCP
+      checkpoints reshard to any world size. Without a multi-rank ``distributor`` the FSDP2
+      mesh's group is used. Other layouts than ``Shard(0)`` on one 1-D mesh fall back to a
+      full view (the whole model gathered on every rank).
+    * ``"local_shard"``: each rank preconditions its local shard, cut into blocks like any
+      tensor of that shape, with no communication: Shampoo with every parameter also split at
+      the shard boundaries (equal to single-process Shampoo whose ``max_preconditioner_dim``
+      cuts there, tested; like distributed_shampoo's default FSDP2 mode). State keys name the
+      shard (``"shard@8,0:8x6_block_0"``), so checkpoints resume at the same shard boundaries
+      only (others are refused with a clear error).
 
     Example::
 
@@ -206,11 +222,13 @@ class Shampoo(SecondOrderOptimizer):
         refresh_method: str | None = None,
         packed_factors: bool = False,
         distributor: Distributor | bool | None = None,
+        fsdp_mode: str = "lossless",
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
+        check_choice("fsdp_mode", fsdp_mode, FSDP_MODES)
         if grafting is None:
             grafting = "adam"
         if epsilon is None:
@@ -235,9 +253,11 @@ class Shampoo(SecondOrderOptimizer):
         super().__init__(params, defaults, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
         self._use_distributor(distributor)
+        self.fsdp_mode = fsdp_mode
         self._block_signature: tuple | None = None
         self._owners: list[int] = []
         self._shard_prefixes: dict[int, str] = {}  # id(FSDP2 param) → its shard's state-key prefix
+        self._whole_on_owner: set[int] = set()  # lossless FSDP2: ids of the whole params owned here
         self._skips_reported: dict[int, int] = {}  # id(block state) → skips already warned about
 
     _meaning_keys = ("eigenvalue_correction",)  # SOAP state is not Shampoo state
@@ -249,6 +269,7 @@ class Shampoo(SecondOrderOptimizer):
     def _rebuild_runtime(self) -> None:
         super()._rebuild_runtime()
         self._block_signature = None
+        self._parameter_owner_cache = None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -340,29 +361,75 @@ class Shampoo(SecondOrderOptimizer):
         signature = tuple((id(p), group["max_preconditioner_dim"]) for group in self.param_groups
                           for p in group["params"])
         if signature != self._block_signature:
-            # FSDP2 shards are not distributed further: each rank preconditions its own.
-            self._shard_prefixes = {id(p): shard_key_prefix(p) for group in self.param_groups
-                                    for p in group["params"] if is_sharded(p)}
+            # FSDP2 shards are not distributed further: each rank preconditions its own; so does
+            # the owner of a whole FSDP2 parameter in the lossless mode (its blocks' keys unprefixed).
+            whole = getattr(self, "_whole_on_owner", set())
+            self._shard_prefixes = {id(p): "" if id(p) in whole else shard_key_prefix(p)
+                                    for group in self.param_groups for p in group["params"]
+                                    if id(p) in whole or is_sharded(p)}
             costs, sizes = [], []
             for group in self.param_groups:
                 for p in group["params"]:
-                    if id(p) in self._shard_prefixes:
-                        continue
-                    for shape in self._layout(p, group).shapes:
-                        numel = math.prod(shape)
-                        costs.append(sum(d**3 + 4 * d * d for d in shape) + 3 * numel)
-                        # State elements: factors and roots (or bases) per dim, plus the
-                        # moments (Λ too in SOAP mode); 1-D blocks keep only the moments.
-                        kronecker = p.dim() > 1 or group["precondition_1d"]
-                        sizes.append((sum(2 * d * d for d in shape) if kronecker else 0)
-                                     + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel)
+                    if id(p) not in self._shard_prefixes:
+                        for cost, size in self._block_costs(p, group):
+                            costs.append(cost)
+                            sizes.append(size)
             self._block_signature = signature
             self._owners = self.distributor.assign(costs, sizes)
         return self._owners
 
+    def _block_costs(self, param: Tensor, group: dict[str, Any]) -> list[tuple[float, float]]:
+        """Per block of ``param``: its amortised cost ``Σ d³ + 4d² + 3n`` and its state elements
+        (factors and roots or bases per dim, plus the moments, Λ too in SOAP mode; 1-D blocks
+        keep only the moments)."""
+        kronecker = param.dim() > 1 or group["precondition_1d"]
+        result = []
+        for shape in self._layout(param, group).shapes:
+            numel = math.prod(shape)
+            result.append((sum(d**3 + 4 * d * d for d in shape) + 3 * numel,
+                           (sum(2 * d * d for d in shape) if kronecker else 0)
+                           + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel))
+        return result
+
+    def _parameter_owners(self, params: list[Tensor]) -> list[int]:
+        """Lossless FSDP2: one owner per whole parameter, balancing its blocks' summed costs
+        and state sizes (:func:`~secondorder.distributed.distributor.assign_owners`); cached."""
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        key = tuple((id(p), group_of[id(p)]["max_preconditioner_dim"]) for p in params)
+        cached = getattr(self, "_parameter_owner_cache", None)
+        if cached is None or cached[0] != key or cached[1] != self.distributor.world_size:
+            totals = [self._block_costs(p, group_of[id(p)]) for p in params]
+            owners = self.distributor.assign([sum(c for c, _ in blocks) for blocks in totals],
+                                             [sum(s for _, s in blocks) for blocks in totals])
+            self._parameter_owner_cache = (key, self.distributor.world_size, owners)
+        return self._parameter_owner_cache[2]
+
     # -- the step ---------------------------------------------------------------------------
     def _step(self) -> None:
         """One optimization step (see the class docstring for the exact order)."""
+        sharded = dtensor_params(self) if getattr(self, "fsdp_mode", "lossless") == "lossless" else []
+        if not sharded:
+            self._blocks_step()
+            return
+        distributor = mesh_distributor(self.distributor, sharded)
+        if distributor is not self.distributor:
+            self.distributor, self._block_signature = distributor, None
+        rows = row_layout(sharded, self.distributor)
+        if rows is None:  # not FSDP2's layout: every rank sees every parameter whole
+            with full_view(self, self.distributor):
+                self._blocks_step()
+            return
+        # Other ranks' parameters are skipped here (gradients hidden) and scattered by their owners.
+        with owner_view(self, self.distributor, sharded, self._parameter_owners(sharded), rows,
+                        hide_others=True) as whole:
+            self._whole_on_owner = {id(full) for full in whole.values()}
+            try:
+                self._blocks_step()
+            finally:
+                self._whole_on_owner = set()
+
+    def _blocks_step(self) -> None:
+        """The step over the param groups' blocks (plain tensors, or FSDP2 local shards)."""
         owners = self._ownership()
         # Replicated parameters: blocks in global order, owned by one rank, all-gathered.
         updates: list[Tensor | None] = []
@@ -375,8 +442,9 @@ class Shampoo(SecondOrderOptimizer):
             block_jobs = []
             for param in group["params"]:
                 prefix = self._shard_prefixes.get(id(param))
-                sharded = prefix is not None
-                weight = param.to_local() if sharded else param
+                sharded = prefix is not None  # computed and applied on this rank alone
+                local = sharded and isinstance(param, DTensor)
+                weight = param.to_local() if local else param
                 layout = self._layout(weight, group)
                 if not sharded:
                     indices = range(global_index, global_index + len(layout))
@@ -393,7 +461,7 @@ class Shampoo(SecondOrderOptimizer):
                     state["step"] = torch.zeros((), dtype=torch.int64)
                 state["step"].add_(1)
                 step = int(state["step"])
-                grad_blocks = layout.blocks(param.grad.to_local() if sharded else param.grad)
+                grad_blocks = layout.blocks(param.grad.to_local() if local else param.grad)
                 param_blocks = layout.blocks(weight)
                 for local_index, (grad_block, param_block) in enumerate(zip(grad_blocks, param_blocks)):
                     key = f"{prefix or ''}block_{local_index}"

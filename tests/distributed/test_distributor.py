@@ -178,3 +178,30 @@ def _failing_body(rank: int, world_size: int) -> None:
 def test_launcher_reports_the_failing_rank():
     with pytest.raises(ForkedRankError, match="rank one fails on purpose"):
         run_forked(_failing_body, 2, timeout=30)
+
+
+def _rows_body(rank: int, world_size: int) -> list[torch.Tensor]:
+    """Rows of three tensors (uneven, one rank with none, two dtypes) to owners and back."""
+    from secondorder.distributed.distributor import resolve_distributor
+
+    distributor = resolve_distributor(True)
+    wholes = [
+        torch.arange(7 * 2, dtype=torch.float64).view(7, 2),
+        torch.arange(2 * 3, dtype=torch.float32).view(2, 3) + 100,
+        torch.arange(5, dtype=torch.float64) - 50,
+    ]
+    rows = [[3, 3, 1], [1, 1, 0], [2, 2, 1]]
+    owners = [2, 0, 1]
+    mine = [w.split(r)[rank] for w, r in zip(wholes, rows, strict=True)]
+    gathered = distributor.gather_to_owners(mine, owners)
+    ok = [(g is not None) == (o == rank) and (g is None or torch.equal(g, w))
+          for g, o, w in zip(gathered, owners, wholes, strict=True)]
+    values = [None if g is None else -g for g in gathered]
+    back = distributor.scatter_rows_from_owners(values, owners, rows, mine)
+    ok += [torch.equal(b, -m) and b.dtype == m.dtype for b, m in zip(back, mine, strict=True)]
+    return ok
+
+
+def test_rows_gathered_to_owners_and_scattered_back():
+    for ok in run_forked(_rows_body, 3):
+        assert all(ok), ok

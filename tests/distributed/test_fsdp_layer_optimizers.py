@@ -258,3 +258,37 @@ def _layouts_body(rank: int, world_size: int) -> list:
 def test_full_view_layouts():
     for results in run_forked(_layouts_body, 2):
         assert all(results), results
+
+
+def _owner_view_body(rank: int, world_size: int) -> dict:
+    """Train with the full view disabled: the owner view must serve FSDP2's layout alone
+    (uneven shards included: the 3-row output layer at 2 and 4 ranks, an empty shard at 4)."""
+    from secondorder.distributed import ownership
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("full_view used: every rank gathered the whole model")
+
+    ownership.full_view = refuse
+    out = {}
+    for name, make in OPTIMIZERS.items():
+        model = _shard(make_model(dtype=F64))
+        optimizer = make(model, True)
+        losses = _train_fsdp(model, optimizer, make_batches(STEPS, F64))
+        out[name] = {
+            "losses": losses,
+            "params": _full_parameters(model),
+            "owned": sum(1 for entry in optimizer.state.values() if entry),
+        }
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp_owner_view_gathers_only_owned_layers(world_size):
+    results = run_forked(_owner_view_body, world_size, timeout=240)
+    for name in OPTIMIZERS:
+        ref_losses, ref_params, ref_count = _reference(name)
+        for out in results:
+            got = out[name]
+            param_gap = _max_relative(got["params"], ref_params)
+            assert param_gap <= 1e-6, (name, world_size, param_gap)
+        assert sum(out[name]["owned"] for out in results) == ref_count, name

@@ -1,4 +1,5 @@
-"""Shampoo on FSDP2 ``fully_shard`` parameters (2 gloo ranks): each rank preconditions its shard.
+"""Shampoo on FSDP2 ``fully_shard`` parameters (2 gloo ranks), ``fsdp_mode="local_shard"``: each
+rank preconditions its shard (the lossless default is tested in test_fsdp_shampoo_lossless.py).
 
 Under FSDP2 a parameter is a DTensor whose local tensor is a contiguous range of rows; Shampoo
 cuts *that shard* into blocks and keeps their state on the rank that holds it (nothing is
@@ -27,9 +28,12 @@ pytestmark = pytest.mark.distributed
 F64 = torch.float64
 STEPS = 12
 MODES = {
-    "classic": dict(lr=1e-2, precondition_frequency=2, max_preconditioner_dim=8, weight_decay=0.01),
+    "classic": dict(
+        lr=1e-2, precondition_frequency=2, max_preconditioner_dim=8, weight_decay=0.01, fsdp_mode="local_shard"
+    ),
     "eigenvalue_corrected": dict(
-        lr=1e-2, precondition_frequency=2, max_preconditioner_dim=8, eigenvalue_correction=True, betas=(0.9, 0.95)
+        lr=1e-2, precondition_frequency=2, max_preconditioner_dim=8, eigenvalue_correction=True, betas=(0.9, 0.95),
+        fsdp_mode="local_shard",
     ),
 }
 

@@ -109,3 +109,18 @@ def test_main_prints_every_family_and_rank_count(tmp_path, capsys):
     assert "cost max/bound" in capsys.readouterr().out
     with pytest.raises(ValueError, match="Invalid layout"):
         build_meta_model([{"kind": "conv"}])
+
+
+def test_adafisher_layer_cost_has_no_cubic_term():
+    """AdaFisher keeps diagonal factors and decomposes nothing: a layer costs its factors'
+    entries plus its parameters (a d³ model would put a 512-input classifier at 98% of the
+    digits CNN's cost, its parameters being 53%)."""
+    from benchmarks.plan_sharding import PlanningDistributor
+
+    model = nn.Sequential(nn.Linear(512, 10), nn.Linear(10, 30))
+    distributor = PlanningDistributor(2)
+    AdaFisher(model.parameters(), model=model, distributor=distributor)._ownership.blocks()
+    assert distributor.costs == [(513 + 10) + 5130, (11 + 30) + 330]
+    distributor = PlanningDistributor(2)
+    EKFAC(model.parameters(), model=model, distributor=distributor)._ownership.blocks()
+    assert distributor.costs == [513**3 + 10**3 + 5130, 11**3 + 30**3 + 330]
