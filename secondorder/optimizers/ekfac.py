@@ -257,6 +257,16 @@ class EKFAC(CapturingOptimizer):
             return None
         return factor_blocks(layer.in_features, group.get("max_factor_dim"))
 
+    def _layer_footprint(self, layer: CapturedLayer) -> tuple[float, float] | None:
+        """``(eigh cost, factor state size)`` of a blocked layer, for the layer's owner assignment
+        (:mod:`secondorder.distributed.ownership`); ``None``: ``A`` kept whole."""
+        blocks = self._input_blocks(layer, self._groups_by_param()[id(layer.weight)])
+        if blocks is None:
+            return None
+        widths, d_out = [stop - start for start, stop in blocks], layer.out_features
+        return (float(d_out**3 + sum(w**3 for w in widths)),
+                float(2 * sum(w * w for w in widths) + 2 * d_out * d_out + d_out * layer.in_features))
+
     def _eigenbasis(self, weight: Tensor) -> KroneckerEigenbasis | None:
         """:meth:`eigenbasis` with a blocked ``Q_A`` left in blocks (the step's form)."""
         state = self.state.get(weight, {})
