@@ -447,7 +447,7 @@ class EKFAC(CapturingOptimizer):
             if blocks is not None:
                 state["activation_eigenvalues"] = torch.cat([p[0] for p in pieces[groups:]]).unsqueeze(0)
                 for j, piece in enumerate(pieces[groups:]):
-                    state[f"activation_basis{_BLOCK}{j}"] = piece[1].unsqueeze(0)
+                    state[f"activation_basis{_BLOCK}{j}"] = piece[1].unsqueeze(0).clone()  # own storage
             elif diagonal:
                 state["activation_eigenvalues"] = state["activation_factor"].clone()
             else:

@@ -111,6 +111,9 @@ def test_blocked_state_is_smaller_and_round_trips():
         optimizer.step()
     state = optimizer.state[model[0].weight]
     assert sum(state[f"activation_factor_block_{j}"].numel() for j in range(3)) == 9 + 9 + 4  # not 8²
+    for j in range(3):  # each block its own storage (not a view of the batched eigh's output)
+        basis = state[f"activation_basis_block_{j}"]
+        assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
     saved = optimizer.state_dict()
     fresh_model = _model()
     fresh = EKFAC(fresh_model, lr=0.01, stats_every=1, max_factor_dim=3)
