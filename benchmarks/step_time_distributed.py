@@ -3,7 +3,7 @@
     python -m benchmarks.step_time_distributed [--optimizers Shampoo,EKFAC] [--world-sizes 1,2]
                                                [--model mlp|lm|cnn] [--width 512] [--batch N]
                                                [--steps 30] [--out DIR] [--parallel ddp|fsdp]
-                                               [--max-preconditioner-dim B]
+                                               [--max-preconditioner-dim B] [--max-factor-dim B]
 
 For each world size the script launches itself under ``torchrun --standalone`` (gloo on CPU,
 nccl when CUDA is available; one torch thread per rank on CPU) and each rank trains the
@@ -222,6 +222,10 @@ def worker(args: argparse.Namespace) -> None:
         overrides = dict(OVERRIDES.get(name, {}))
         if args.max_preconditioner_dim is not None and "max_preconditioner_dim" in overrides:
             overrides["max_preconditioner_dim"] = args.max_preconditioner_dim
+        if args.max_factor_dim is not None and name == "EKFAC":
+            overrides["max_factor_dim"] = args.max_factor_dim
+        if args.max_factor_dim is not None and name == "SINGD":
+            overrides["structures"] = (f"block{args.max_factor_dim}diagonal", "dense")
         if any("distributor" in inspect.signature(c).parameters for c in cls.__mro__ if c is not object):
             overrides["distributor"] = True
         optimizer = build_optimizer(name, model, "*", **overrides)
@@ -332,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples per rank per step (default: mlp 256, lm 8, cnn 64)")
     parser.add_argument("--max-preconditioner-dim", type=int, default=None,
                         help="Shampoo's block size (default: 1024)")
+    parser.add_argument("--max-factor-dim", type=int, default=None,
+                        help="EKFAC's max_factor_dim and SINGD's K structure block<B>diagonal "
+                             "(default: whole factors)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
@@ -374,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.model,
                 *(["--max-preconditioner-dim", str(args.max_preconditioner_dim)]
                   if args.max_preconditioner_dim is not None else []),
+                *(["--max-factor-dim", str(args.max_factor_dim)] if args.max_factor_dim is not None else []),
                 "--batch",
                 str(args.batch),
                 "--steps",

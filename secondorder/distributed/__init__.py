@@ -12,7 +12,8 @@
 * :mod:`~secondorder.distributed.full_view` / :mod:`~secondorder.distributed.sharding` —
   FSDP2 (DTensor) parameters: owner views (each parameter whole on its owner only: the
   capture optimizers' layers, lossless Shampoo's parameters), full views for other layouts,
-  per-shard state for Shampoo's ``fsdp_mode="local_shard"``;
+  per-shard state for Shampoo's ``fsdp_mode="local_shard"``, and
+  :mod:`~secondorder.distributed.fsdp_shampoo` — Shampoo's two FSDP2 modes;
 * :mod:`~secondorder.distributed.checkpoint` — DCP save/load with resharding, and
   :mod:`~secondorder.distributed.checkpoint_files` — atomic commits, completion markers,
   newest-complete lookup, pruning and preflight checks.

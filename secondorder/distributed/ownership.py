@@ -11,7 +11,9 @@ optimizer-specific code:
    ``d_out³ + d_in'³`` for its eigendecompositions plus its parameter count (AdaFisher's
    diagonal factors: ``d_out + d_in'`` plus its parameter count), and its state
    size — ``2(d_in'² + d_out²) + d_out·d_in'`` plus its parameters, diagonal factors for
-   AdaFisher — is balanced too).
+   AdaFisher — is balanced too). An optimizer whose layer keeps smaller factors (EK-FAC's
+   blocked ``A``, SINGD's structured ``K``/``C``) says so through ``_layer_footprint(layer)``:
+   ``(cost, state size)`` of its factors, or ``None`` for the dense estimate).
 2. **Statistics.** :meth:`gather_stats` hands each owner the layer inputs and output
    gradients captured on *every* rank's micro-batch, concatenated along the example
    dimension (rank order), so the owner's statistics are those of the global batch;
@@ -115,14 +117,18 @@ class LayerOwnership:
             }
             blocks, costs, sizes = [], [], []
             diagonal = _keeps_diagonal_factors(self.optimizer)
+            footprint = getattr(self.optimizer, "_layer_footprint", None)
             for param in params:
                 layer = by_weight.get(id(param))
                 if layer is not None:
                     members = [p for p in (layer.weight, layer.bias) if p is not None]
                     blocks.append(members)
                     numel = sum(p.numel() for p in members)
-                    costs.append(_layer_cost(layer, diagonal) + numel)
-                    sizes.append(_layer_state_size(layer, diagonal) + numel)
+                    estimate = footprint(layer) if footprint is not None else None
+                    if estimate is None:
+                        estimate = (_layer_cost(layer, diagonal), _layer_state_size(layer, diagonal))
+                    costs.append(estimate[0] + numel)
+                    sizes.append(estimate[1] + numel)
                 elif id(param) not in in_layer:
                     blocks.append([param])
                     costs.append(float(param.numel()))

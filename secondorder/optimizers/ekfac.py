@@ -19,6 +19,12 @@ from secondorder.distributed.distributor import Distributor
 from secondorder.optimizers.base import ParamsT, group_lr, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_choice, check_int, check_real
+from secondorder.precond.blocked_factor import (
+    BlockedEigenbasis,
+    blocked_activation_factors,
+    factor_blocks,
+    rotate_columns,
+)
 from secondorder.precond.capture import KRONECKER_KINDS, CapturedLayer, LayerStats
 from secondorder.precond.eigen_step import (
     CORRECTION_ESTIMATORS,
@@ -42,6 +48,7 @@ _BASIS_KEYS = (
     "activation_basis",
     "activation_eigenvalues",
 )
+_BLOCK = "_block_"  # state keys of a blocked input factor: activation_{factor,basis}_block_<j>
 
 
 class EKFAC(CapturingOptimizer):
@@ -105,6 +112,17 @@ class EKFAC(CapturingOptimizer):
     ``(groups, d_out, d_in')``; :meth:`eigenbasis` returns them as a saveable object (what
     influence queries reuse).
 
+    **Wide layers** (``max_factor_dim``, off by default): a dense one-group layer whose input
+    width ``d_in'`` exceeds it keeps ``A`` block-diagonal over ``⌈d_in'/max_factor_dim⌉``
+    contiguous column ranges, ``A ≈ blockdiag(A_1, …, A_k)``, with ``Q_A = blockdiag(Q_{A_j})``
+    and the rest of the algorithm unchanged (:mod:`secondorder.precond.blocked_factor`; the
+    approximation of Shampoo's ``max_preconditioner_dim``). ``A``'s state and ``eigh`` work fall
+    about ``k``× and ``k²``×: on a CNN whose ``Linear(512, 10)`` classifier held 90 % of the
+    state, ``max_factor_dim=64`` makes that layer a third of the state (see the README's "Many
+    GPUs"). State: ``activation_factor_block_<j>`` / ``activation_basis_block_<j>``
+    ``(1, |c_j|, |c_j|)`` instead of ``activation_factor`` / ``activation_basis``;
+    :meth:`eigenbasis` assembles the dense ``Q_A`` (``d_in'²``) for influence queries.
+
     Args:
         params: parameters or param groups (or the model itself, shorthand).
         model: the module whose layers are hooked (required).
@@ -124,6 +142,8 @@ class EKFAC(CapturingOptimizer):
         correction: ``"batch"`` (default) or ``"per_example"`` (the paper, every
             ``correction_every`` steps).
         graft: ``"adam"`` (default) or ``"none"`` (the method's own step length).
+        max_factor_dim: ``None`` (default: every ``A`` whole) or the widest input-side factor
+            kept whole; wider ones are block-diagonal ("Wide layers" above).
         distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
             cost-balanced share of the layers, see :mod:`secondorder.distributed.ownership`),
             a ``ProcessGroup`` or a :class:`~secondorder.distributed.Distributor`. Required
@@ -164,6 +184,7 @@ class EKFAC(CapturingOptimizer):
         power: float = 0.5,
         correction: str = "batch",
         graft: str = "adam",
+        max_factor_dim: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         distributor: Distributor | bool | None = None,
         maximize: bool = False,
@@ -178,7 +199,7 @@ class EKFAC(CapturingOptimizer):
             weight_decay=weight_decay, weight_decay_type=weight_decay_type, stat_decay=stat_decay,
             eps=eps, kl_clip=kl_clip, stats_every=stats_every, correction_every=correction_every,
             precondition_frequency=precondition_frequency, damping_rule=damping_rule, power=power,
-            correction=correction, graft=graft,
+            correction=correction, graft=graft, max_factor_dim=max_factor_dim,
         )
         super().__init__(params, defaults, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
@@ -199,6 +220,9 @@ class EKFAC(CapturingOptimizer):
         check_real("power", group["power"], low=0.0, high=1.0, low_inclusive=False)
         check_choice("correction", group["correction"], CORRECTION_ESTIMATORS)
         check_choice("graft", group["graft"], GRAFT_KINDS)
+        group.setdefault("max_factor_dim", None)  # state dicts saved before the option
+        if group["max_factor_dim"] is not None:
+            check_int("max_factor_dim", group["max_factor_dim"], low=1)
 
     # ------------------------------------------------------------------ schedules
     def _stats_due(self, group: dict[str, Any], step: int) -> bool:
@@ -211,11 +235,51 @@ class EKFAC(CapturingOptimizer):
         """The layer's current eigenbasis and correction (``None`` before the first one).
 
         ``weight`` is the tracked layer's weight parameter. The returned tensors are the
-        optimizer's own (not copies).
+        optimizer's own (not copies), except a blocked input factor's ``Q_A``, assembled
+        dense from its blocks.
         """
+        basis = self._eigenbasis(weight)
+        return basis.dense() if isinstance(basis, BlockedEigenbasis) else basis
+
+    @staticmethod
+    def _blocks_in_state(state: dict) -> list[tuple[int, int]] | None:
+        """The column ranges of a blocked input factor kept in ``state`` (``None``: not blocked)."""
+        sizes = [state[f"activation_factor{_BLOCK}{j}"].shape[-1] for j in range(len(state))
+                 if f"activation_factor{_BLOCK}{j}" in state]
+        if not sizes:
+            return None
+        stops = list(torch.tensor(sizes).cumsum(0).tolist())
+        return list(zip([0] + stops[:-1], stops, strict=True))
+
+    def _input_blocks(self, layer: CapturedLayer, group: dict) -> list[tuple[int, int]] | None:
+        """``max_factor_dim``'s column ranges for ``layer`` (``None``: ``A`` kept whole)."""
+        if layer.family != "dense" or layer.groups != 1:
+            return None
+        return factor_blocks(layer.in_features, group.get("max_factor_dim"))
+
+    def _layer_footprint(self, layer: CapturedLayer) -> tuple[float, float] | None:
+        """``(eigh cost, factor state size)`` of a blocked layer, for the layer's owner assignment
+        (:mod:`secondorder.distributed.ownership`); ``None``: ``A`` kept whole."""
+        blocks = self._input_blocks(layer, self._groups_by_param()[id(layer.weight)])
+        if blocks is None:
+            return None
+        widths, d_out = [stop - start for start, stop in blocks], layer.out_features
+        return (float(d_out**3 + sum(w**3 for w in widths)),
+                float(2 * sum(w * w for w in widths) + 2 * d_out * d_out + d_out * layer.in_features))
+
+    def _eigenbasis(self, weight: Tensor) -> KroneckerEigenbasis | None:
+        """:meth:`eigenbasis` with a blocked ``Q_A`` left in blocks (the step's form)."""
         state = self.state.get(weight, {})
         if "gradient_basis" not in state:
             return None
+        blocks = self._blocks_in_state(state)
+        if blocks is not None:
+            return BlockedEigenbasis(
+                gradient_basis=state["gradient_basis"], gradient_eigenvalues=state["gradient_eigenvalues"],
+                activation_basis=None, activation_eigenvalues=state["activation_eigenvalues"],
+                correction=state.get("correction"),
+                activation_blocks=tuple(state[f"activation_basis{_BLOCK}{j}"] for j in range(len(blocks))),
+                blocks=tuple(blocks))
         return KroneckerEigenbasis(
             gradient_basis=state["gradient_basis"],
             gradient_eigenvalues=state["gradient_eigenvalues"],
@@ -297,7 +361,7 @@ class EKFAC(CapturingOptimizer):
     def _direction(self, weight: Tensor, matrix: Tensor, group: dict) -> Tensor:
         """``Q_G [X ⊘ (Λ + λ_eff)^p] Q_Aᵀ`` with ``X = Q_Gᵀ Ḡ Q_A`` (:mod:`~secondorder.precond.
         eigen_step`); the ``batch`` correction folds ``N·X²`` into ``Λ`` first."""
-        state, basis = self.state[weight], self.eigenbasis(weight)
+        state, basis = self.state[weight], self._eigenbasis(weight)
         projected = basis.project(matrix)
         if group["correction"] == "batch":
             examples = int(state["correction_examples"]) if "correction_examples" in state else 1
@@ -325,17 +389,27 @@ class EKFAC(CapturingOptimizer):
         if (step - 1) % group["stats_every"] != 0:
             return
         dtype = statistics_dtype(layer.weight.dtype)
-        a_batch, g_batch = kronecker_factors(layer, stats, dtype)
-        if not (torch.isfinite(a_batch).all() and torch.isfinite(g_batch).all()):
+        blocks = self._input_blocks(layer, group) if "gradient_factor" not in state else self._blocks_in_state(state)
+        if blocks is None:
+            a_batch, g_batch = kronecker_factors(layer, stats, dtype)
+            factors = {"activation_factor": a_batch}
+        else:  # G alone from kronecker_factors' formula; A block by block (blocked_factor)
+            count = max(stats.num_positions, 1)
+            g_rows = stats.output_grads.to(dtype).reshape(-1, stats.output_grads.shape[-1])
+            g_batch = (g_rows.transpose(0, 1) @ g_rows / count).unsqueeze(0)
+            factors = {f"activation_factor{_BLOCK}{j}": a for j, a in
+                       enumerate(blocked_activation_factors(layer, stats, blocks, dtype))}
+        factors["gradient_factor"] = g_batch
+        if not all(torch.isfinite(f).all() for f in factors.values()):
             self._numerical_failure(state, "non-finite layer statistics (factors kept)")
             return
-        if "activation_factor" not in state:
-            state["activation_factor"], state["gradient_factor"] = a_batch, g_batch
-            state["factor_updates"] = torch.zeros((), dtype=torch.int64, device=a_batch.device)
+        if "gradient_factor" not in state:
+            state.update(factors)
+            state["factor_updates"] = torch.zeros((), dtype=torch.int64, device=g_batch.device)
         else:
             rho = group["stat_decay"]
-            state["activation_factor"].mul_(rho).add_(a_batch, alpha=1 - rho)
-            state["gradient_factor"].mul_(rho).add_(g_batch, alpha=1 - rho)
+            for key, value in factors.items():
+                state[key].mul_(rho).add_(value, alpha=1 - rho)
         state["factor_updates"].add_(1)
 
     def _refresh_bases(self, jobs: list) -> None:
@@ -343,7 +417,7 @@ class EKFAC(CapturingOptimizer):
         due = []
         for layer, group, step in jobs:
             state = self.state[layer.weight]
-            if "activation_factor" not in state:
+            if "gradient_factor" not in state:
                 continue
             if "gradient_basis" not in state or (step - 1) % group["precondition_frequency"] == 0:
                 due.append((layer, state))
@@ -352,32 +426,44 @@ class EKFAC(CapturingOptimizer):
         matrices = []
         for _, state in due:
             matrices.extend(state["gradient_factor"].unbind(0))
-            if state["activation_factor"].dim() == 3:
+            blocks = self._blocks_in_state(state)
+            if blocks is not None:
+                matrices.extend(state[f"activation_factor{_BLOCK}{j}"][0] for j in range(len(blocks)))
+            elif state["activation_factor"].dim() == 3:
                 matrices.extend(state["activation_factor"].unbind(0))
         results = batched_eigh(matrices)
         position = 0
         for layer, state in due:
             groups = state["gradient_factor"].shape[0]
-            diagonal = state["activation_factor"].dim() == 2
-            count = groups if diagonal else 2 * groups
+            blocks = self._blocks_in_state(state)
+            diagonal = blocks is None and state["activation_factor"].dim() == 2
+            count = groups if diagonal else groups + len(blocks) if blocks is not None else 2 * groups
             pieces, position = results[position : position + count], position + count
             if any(piece is None for piece in pieces):
                 self._numerical_failure(state, "eigendecomposition failed (basis kept)")
                 continue
             state["gradient_eigenvalues"] = torch.stack([p[0] for p in pieces[:groups]])
             state["gradient_basis"] = torch.stack([p[1] for p in pieces[:groups]])
-            if diagonal:
+            if blocks is not None:
+                state["activation_eigenvalues"] = torch.cat([p[0] for p in pieces[groups:]]).unsqueeze(0)
+                for j, piece in enumerate(pieces[groups:]):
+                    state[f"activation_basis{_BLOCK}{j}"] = piece[1].unsqueeze(0).clone()  # own storage
+            elif diagonal:
                 state["activation_eigenvalues"] = state["activation_factor"].clone()
             else:
                 state["activation_eigenvalues"] = torch.stack([p[0] for p in pieces[groups:]])
                 state["activation_basis"] = torch.stack([p[1] for p in pieces[groups:]])
-            state["correction"] = rescale_restart(self.eigenbasis(layer.weight).kfac_eigenvalues(),
+            state["correction"] = rescale_restart(self._eigenbasis(layer.weight).kfac_eigenvalues(),
                                                   state.get("correction"))
 
     def _fold_correction(
         self, layer: CapturedLayer, state: dict, stats: LayerStats, group: dict
     ) -> None:
-        basis = self.eigenbasis(layer.weight)
+        basis = self._eigenbasis(layer.weight)
+        if isinstance(basis, BlockedEigenbasis):  # rows rotated by blockdiag(Q_A_j) here
+            stats = LayerStats(rotate_columns(stats.inputs.to(basis.gradient_basis.dtype),
+                                              list(basis.activation_blocks), list(basis.blocks)),
+                               stats.output_grads, stats.num_examples, stats.num_positions)
         batch = eigenvalue_correction(layer, stats, basis.gradient_basis, basis.activation_basis)
         if not torch.isfinite(batch).all():
             self._numerical_failure(state, "non-finite eigenvalue correction (kept)")

@@ -20,8 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from secondorder.distributed.blocking import BlockLayout
 from secondorder.distributed.distributor import Distributor
-from secondorder.distributed.full_view import dtensor_params, full_view, mesh_distributor, owner_view, row_layout
-from secondorder.distributed.sharding import is_sharded, shard_key_prefix
+from secondorder.distributed.fsdp_shampoo import FSDP_MODES, fsdp_step, shard_prefixes
 from secondorder.optimizers.base import (
     ParamsT,
     SecondOrderOptimizer,
@@ -43,7 +42,6 @@ from secondorder.precond.linalg import bias_correction, finite_or_zero, keep_whe
 
 GRAFTING_KINDS = ("none",) + DIAGONAL_KINDS
 WEIGHT_DECAY_KINDS = ("decoupled", "decoupled_before_momentum", "l2")
-FSDP_MODES = ("lossless", "local_shard")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
@@ -165,26 +163,11 @@ class Shampoo(SecondOrderOptimizer):
             parameters are preconditioned (see "FSDP2" below); ignored without DTensor
             parameters.
 
-    FSDP2 (``fully_shard``) parameters are DTensors, each rank holding a shard (a range of
-    rows). ``fsdp_mode`` says what is preconditioned:
-
-    * ``"lossless"`` (default): whole parameters, so the same optimizer as in one process. Each
-      FSDP2 parameter is owned by one rank (block costs and sizes balanced), which alone
-      receives it whole with its gradient, preconditions it as single-process Shampoo does and
-      sends every rank its rows of the new values
-      (:func:`~secondorder.distributed.full_view.owner_view`; per step about ``3/W`` of the
-      model moves to each rank, and full copies exist of owned parameters only). Equal to
-      single-process / DDP Shampoo (float64: bitwise at 2 ranks, within 1e-12 at 4, tested);
-      state is plain, full-size, on the owner, under DDP's keys (``"block_3"``), so DCP
-      checkpoints reshard to any world size. Without a multi-rank ``distributor`` the FSDP2
-      mesh's group is used. Other layouts than ``Shard(0)`` on one 1-D mesh fall back to a
-      full view (the whole model gathered on every rank).
-    * ``"local_shard"``: each rank preconditions its local shard, cut into blocks like any
-      tensor of that shape, with no communication: Shampoo with every parameter also split at
-      the shard boundaries (equal to single-process Shampoo whose ``max_preconditioner_dim``
-      cuts there, tested; like distributed_shampoo's default FSDP2 mode). State keys name the
-      shard (``"shard@8,0:8x6_block_0"``), so checkpoints resume at the same shard boundaries
-      only (others are refused with a clear error).
+    FSDP2 (``fully_shard``) parameters: ``"lossless"`` preconditions each whole parameter on
+    one owner rank, equal to single-process / DDP Shampoo, state resharding to any world size;
+    ``"local_shard"`` preconditions each rank's shard alone, no communication (Shampoo with
+    parameters also split at the shard boundaries; checkpoints resume at the same boundaries
+    only). Details: :mod:`secondorder.distributed.fsdp_shampoo`.
 
     Example::
 
@@ -361,12 +344,7 @@ class Shampoo(SecondOrderOptimizer):
         signature = tuple((id(p), group["max_preconditioner_dim"]) for group in self.param_groups
                           for p in group["params"])
         if signature != self._block_signature:
-            # FSDP2 shards are not distributed further: each rank preconditions its own; so does
-            # the owner of a whole FSDP2 parameter in the lossless mode (its blocks' keys unprefixed).
-            whole = getattr(self, "_whole_on_owner", set())
-            self._shard_prefixes = {id(p): "" if id(p) in whole else shard_key_prefix(p)
-                                    for group in self.param_groups for p in group["params"]
-                                    if id(p) in whole or is_sharded(p)}
+            self._shard_prefixes = shard_prefixes(self)  # FSDP2: stepped here alone
             costs, sizes = [], []
             for group in self.param_groups:
                 for p in group["params"]:
@@ -391,42 +369,10 @@ class Shampoo(SecondOrderOptimizer):
                            + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel))
         return result
 
-    def _parameter_owners(self, params: list[Tensor]) -> list[int]:
-        """Lossless FSDP2: one owner per whole parameter, balancing its blocks' summed costs
-        and state sizes (:func:`~secondorder.distributed.distributor.assign_owners`); cached."""
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        key = tuple((id(p), group_of[id(p)]["max_preconditioner_dim"]) for p in params)
-        cached = getattr(self, "_parameter_owner_cache", None)
-        if cached is None or cached[0] != key or cached[1] != self.distributor.world_size:
-            totals = [self._block_costs(p, group_of[id(p)]) for p in params]
-            owners = self.distributor.assign([sum(c for c, _ in blocks) for blocks in totals],
-                                             [sum(s for _, s in blocks) for blocks in totals])
-            self._parameter_owner_cache = (key, self.distributor.world_size, owners)
-        return self._parameter_owner_cache[2]
-
     # -- the step ---------------------------------------------------------------------------
     def _step(self) -> None:
         """One optimization step (see the class docstring for the exact order)."""
-        sharded = dtensor_params(self) if getattr(self, "fsdp_mode", "lossless") == "lossless" else []
-        if not sharded:
-            self._blocks_step()
-            return
-        distributor = mesh_distributor(self.distributor, sharded)
-        if distributor is not self.distributor:
-            self.distributor, self._block_signature = distributor, None
-        rows = row_layout(sharded, self.distributor)
-        if rows is None:  # not FSDP2's layout: every rank sees every parameter whole
-            with full_view(self, self.distributor):
-                self._blocks_step()
-            return
-        # Other ranks' parameters are skipped here (gradients hidden) and scattered by their owners.
-        with owner_view(self, self.distributor, sharded, self._parameter_owners(sharded), rows,
-                        hide_others=True) as whole:
-            self._whole_on_owner = {id(full) for full in whole.values()}
-            try:
-                self._blocks_step()
-            finally:
-                self._whole_on_owner = set()
+        fsdp_step(self, self._blocks_step)
 
     def _blocks_step(self) -> None:
         """The step over the param groups' blocks (plain tensors, or FSDP2 local shards)."""

@@ -252,6 +252,18 @@ class SINGD(CapturingOptimizer):
     def _structures(group: dict[str, Any]) -> tuple[type[StructuredMatrix], type[StructuredMatrix]]:
         return get_structure(group["structures"][0]), get_structure(group["structures"][1])
 
+    def _layer_footprint(self, layer: CapturedLayer) -> tuple[float, float] | None:
+        """``(cost, state size)`` of structured factors for the owner assignment
+        (:mod:`secondorder.distributed.ownership`): ``K, m_K, C, m_C`` of the structures' sizes,
+        cost ``numel²/dim`` per factor (``d³`` dense, ``d·b²`` block-diagonal); ``None`` when
+        both are dense (the default estimate)."""
+        K_cls, C_cls = self._structures(self._groups_by_param()[id(layer.weight)])
+        if K_cls is get_structure("dense") and C_cls is get_structure("dense"):
+            return None
+        dim_K, dim_C = self._dims(layer)
+        sizes = ((K_cls.numel(dim_K), dim_K), (C_cls.numel(dim_C), dim_C))
+        return float(sum(n * n / dim for n, dim in sizes)), float(2 * sum(n for n, _ in sizes))
+
     @staticmethod
     def _factor_dtype(group: dict[str, Any], weight: Tensor) -> torch.dtype:
         name = group["preconditioner_dtype"]

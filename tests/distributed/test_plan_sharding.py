@@ -124,3 +124,33 @@ def test_adafisher_layer_cost_has_no_cubic_term():
     distributor = PlanningDistributor(2)
     EKFAC(model.parameters(), model=model, distributor=distributor)._ownership.blocks()
     assert distributor.costs == [513**3 + 10**3 + 5130, 11**3 + 30**3 + 330]
+
+
+@pytest.mark.parametrize("name", ["EKFAC", "SINGD"])
+def test_blocked_layer_footprint_is_its_measured_state(name):
+    """A blocked factor (EK-FAC's max_factor_dim, SINGD's block structure) is planned at the
+    size its state really has, so a wide classifier no longer counts as dense."""
+    from benchmarks.plan_sharding import PlanningDistributor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10), nn.Tanh(), nn.Linear(10, 3))
+    distributor = PlanningDistributor(2)
+    if name == "EKFAC":
+        optimizer = EKFAC(model, stats_every=1, max_factor_dim=16, distributor=distributor)
+        factor_keys = ("activation_factor", "activation_basis", "gradient_factor", "gradient_basis",
+                       "correction")
+    else:
+        optimizer = SINGD(model, T=1, alpha1=0.5, structures=("block16diagonal", "dense"),
+                          distributor=distributor)
+        factor_keys = ("K", "m_K", "C", "m_C")
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 3, (8,))).backward()
+    optimizer.step()
+    optimizer._ownership.blocks()
+    wide = optimizer.capture.layers[0]
+    state = optimizer.state[wide.weight]
+    measured = sum(value.numel() for key, value in state.items()
+                   if key in factor_keys or key.startswith(tuple(k + "_block_" for k in factor_keys)))
+    planned = distributor.sizes[0] - wide.weight.numel() - wide.bias.numel()
+    assert planned == measured
+    assert measured < 2 * 65 * 65  # far under a dense A and its basis
