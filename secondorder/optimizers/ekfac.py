@@ -117,9 +117,10 @@ class EKFAC(CapturingOptimizer):
     contiguous column ranges, ``A ≈ blockdiag(A_1, …, A_k)``, with ``Q_A = blockdiag(Q_{A_j})``
     and the rest of the algorithm unchanged (:mod:`secondorder.precond.blocked_factor`; the
     approximation of Shampoo's ``max_preconditioner_dim``). ``A``'s state and ``eigh`` work fall
-    about ``k``× and ``k²``×: on a CNN whose ``Linear(512, 10)`` classifier held 90 % of the
-    state, ``max_factor_dim=64`` makes that layer a third of the state (see the README's "Many
-    GPUs"). State: ``activation_factor_block_<j>`` / ``activation_basis_block_<j>``
+    about ``k``× and ``k²``×: on the digits CNN (``Linear(512, 10)`` classifier, 90 % of the
+    state) ``max_factor_dim=64`` cuts that layer's state 7.3× and the optimizer's 5.7×, so
+    each rank of a distributed run holds less (``benchmarks/step_time_distributed.py
+    --max-factor-dim``). Off by default: it drops ``A``'s cross-block covariances. State: ``activation_factor_block_<j>`` / ``activation_basis_block_<j>``
     ``(1, |c_j|, |c_j|)`` instead of ``activation_factor`` / ``activation_basis``;
     :meth:`eigenbasis` assembles the dense ``Q_A`` (``d_in'²``) for influence queries.
 

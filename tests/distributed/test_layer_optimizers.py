@@ -50,6 +50,16 @@ OPTIMIZERS = {
     "SINGD": lambda model, distributor: SINGD(
         model.parameters(), model=model, lr=1e-2, T=2, distributor=distributor
     ),
+    # Blocked factors (EK-FAC's max_factor_dim, SINGD's block-diagonal K): block state keys
+    # must shard, checkpoint and reshard like whole factors.
+    "EKFAC-blocked": lambda model, distributor: EKFAC(
+        model.parameters(), model=model, lr=1e-2, stats_every=2, precondition_frequency=4,
+        max_factor_dim=6, distributor=distributor,
+    ),
+    "SINGD-blocked": lambda model, distributor: SINGD(
+        model.parameters(), model=model, lr=1e-2, T=2, structures=("block5diagonal", "dense"),
+        distributor=distributor,
+    ),
 }
 
 

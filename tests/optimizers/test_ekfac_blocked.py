@@ -131,3 +131,21 @@ def test_blocked_state_is_smaller_and_round_trips():
 def test_invalid_max_factor_dim(value):
     with pytest.raises((ValueError, TypeError), match="^Invalid max_factor_dim"):
         EKFAC(_model(), max_factor_dim=value)
+
+
+def test_influence_from_a_blocked_optimizer_sees_the_block_diagonal_factor():
+    from secondorder.influence import InfluenceFactors
+
+    model = _model()
+    optimizer = EKFAC(model, lr=0.01, stats_every=1, max_factor_dim=3)
+    x, y = _batch()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    factors = InfluenceFactors.from_optimizer(optimizer)
+    state = optimizer.state[model[0].weight]
+    layer = factors.layers["0"]
+    want = torch.block_diag(*(state[f"activation_factor_block_{j}"][0] for j in range(3)))
+    torch.testing.assert_close(layer["activation_covariance"][0], want, rtol=0, atol=0)
+    basis = optimizer.eigenbasis(model[0].weight).activation_basis
+    torch.testing.assert_close(layer["activation_eigenvectors"], basis, rtol=0, atol=0)
