@@ -161,13 +161,17 @@ def _clock(kind: str) -> Callable[[], float]:
 @torch.no_grad()
 def _mean_loss(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,
                chunk: int = 512) -> float:
+    """Mean of ``loss_fn`` over ``inputs (n, ...)`` / ``targets (n, ...)``, in float32."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(inputs), chunk):
         x, y = inputs[start:start + chunk], targets[start:start + chunk]
         weight = y.numel() if y.dtype == torch.int64 else len(y)
-        total += float(loss_fn(model(x), y).float()) * weight
+        # the model's outputs in its own dtype, the loss in float32: a bf16 loss is a 3-digit
+        # number, too coarse to compare runs
+        outputs = model(x).float()
+        total += float(loss_fn(outputs, y.float() if y.is_floating_point() else y)) * weight
         count += weight
     model.train(was_training)
     return total / count
@@ -363,26 +367,35 @@ def _breast_cancer_task(steps: int):
 
     task = setup_w3s(True, steps)
     split = load_scaled_breast_cancer_split(scale=0.0)
-    task.make_model = lambda: MLP((30, 32, 2))
-    inner_gen = split.train_x
 
     def train_batch(gen: torch.Generator):
-        idx = torch.randint(0, len(inner_gen), (64,), generator=gen)
+        idx = torch.randint(0, len(split.train_x), (64,), generator=gen)
         return split.train_x[idx], split.train_y[idx]
 
+    task.make_model = lambda: MLP((30, 32, 2))
     task.train_batch = train_batch
     task.eval_sets = {"train": (split.train_x, split.train_y), "test": (split.test_x, split.test_y)}
     return task
 
 
-def gauss_newton_runs(steps: int) -> dict[str, dict[str, list[Curve]]]:
-    """{workload: {"AdamW": sweep, "ExactGaussNewton": sweep}} on W3 and breast cancer."""
+def gauss_newton_tasks(steps: int) -> dict[str, tuple[Any, str]]:
+    """{label: (task, exact Gauss-Newton's ``loss``)}: W3 regression, 2 and 10 classes."""
     from benchmarks.workload_regression import setup_w3
+    from benchmarks.workloads import WORKLOADS
 
-    workloads = {"W3 diabetes regression (linear, MSE)": (setup_w3(True, steps), "mse"),
-                 "breast cancer, 2 classes (MLP 30-32-2)": (_breast_cancer_task(steps), "cross_entropy")}
+    return {"W3 diabetes regression (linear 10-1, MSE)": (setup_w3(True, steps), "mse"),
+            "breast cancer, 2 classes (MLP 30-32-2)": (_breast_cancer_task(steps), "cross_entropy"),
+            "digits, 10 classes (W1 MLP 64-128-128-10)": (WORKLOADS["W1"].setup(True, steps),
+                                                         "cross_entropy")}
+
+
+def gauss_newton_runs(steps: int, workloads: list[str] | None = None) -> dict[str, dict[str, list[Curve]]]:
+    """{workload: {"AdamW": sweep, "ExactGaussNewton": sweep}} (all of
+    :func:`gauss_newton_tasks`, or the labels starting with one of ``workloads``)."""
     result = {}
-    for label, (task, loss) in workloads.items():
+    for label, (task, loss) in gauss_newton_tasks(steps).items():
+        if workloads is not None and not any(label.startswith(w) for w in workloads):
+            continue
         adamw = _sweep(task, "AdamW", lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr), 1e-3,
                        steps=steps)
         egn = _sweep(task, "ExactGaussNewton",
@@ -397,6 +410,15 @@ def _reach(curve: Curve, losses: list[float], target: float) -> str:
     return "never" if hit is None else f"{hit[0]} steps / {hit[1]:.3f} s"
 
 
+def _soonest(curves: list[Curve], target: float) -> Curve:
+    """The run whose held-out loss reaches ``target`` first (ties and misses: lowest final)."""
+    def key(curve: Curve) -> tuple[float, float]:
+        hit = curve.first_reach(curve.test_loss, target)
+        return (math.inf if hit is None else hit[0], curve.final)
+
+    return min(curves, key=key)
+
+
 def gauss_newton_rows(steps: int) -> list[Row]:
     rows = []
     for label, sweeps in gauss_newton_runs(steps).items():
@@ -404,18 +426,18 @@ def gauss_newton_rows(steps: int) -> list[Row]:
         train_target, test_target = adamw.train_loss[-1], adamw.test_loss[-1]
         hits = {}
         for name, curves in sweeps.items():
-            # the lr whose held-out loss reaches AdamW's final one soonest (else the best final)
-            best = adamw if name == "AdamW" else min(
-                curves, key=lambda c: (c.first_reach(c.test_loss, test_target) or (math.inf,))[0]
-                + (c.final if math.isfinite(c.final) else 1e9) * 1e-9)
+            best = adamw if name == "AdamW" else _soonest(curves, test_target)
             hits[name] = (best.first_reach(best.train_loss, train_target),
                           best.first_reach(best.test_loss, test_target))
+            grid = "" if name == "AdamW" else "; per lr, held-out steps: " + ", ".join(
+                f"{c.lr:.2g}: {(c.first_reach(c.test_loss, test_target) or ('never',))[0]}"
+                for c in curves)
             rows.append((f"exact Gauss-Newton reaches AdamW's final loss sooner: {label}", name,
                          f"lr {best.lr:.3g}, {best.steps} steps in {best.seconds[-1]:.2f} s",
                          f"final train {best.train_loss[-1]:.4f}, held-out {best.final:.4f}; to "
                          f"AdamW's final train {train_target:.4f}: {_reach(best, best.train_loss, train_target)}"
-                         f"; to its held-out {test_target:.4f}: {_reach(best, best.test_loss, test_target)}",
-                         ""))
+                         f"; to its held-out {test_target:.4f}: {_reach(best, best.test_loss, test_target)}"
+                         + grid, ""))
 
         def sooner(ours, theirs) -> bool:
             return ours is not None and theirs is not None and ours[0] < theirs[0] and ours[1] < theirs[1]
