@@ -480,7 +480,7 @@ def equal_time_rows(seconds: float, clock: str) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the steps and time")
-    parser.add_argument("--steps", type=int, default=200, help="SANIA, bf16 and Gauss-Newton steps")
+    parser.add_argument("--steps", type=int, default=300, help="SANIA, bf16 and Gauss-Newton steps")
     parser.add_argument("--lm-seconds", type=float, default=20.0, help="per-run budget on W2")
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
     parser.add_argument("--effects", default="sania,bf16,gauss_newton,equal_time")
