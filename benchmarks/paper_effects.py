@@ -436,7 +436,8 @@ def gauss_newton_rows(steps: int) -> list[Row]:
                           best.first_reach(best.test_loss, test_target))
             grid = "" if name == "AdamW" else "; per lr, held-out steps: " + ", ".join(
                 f"{c.lr:.2g}: {(c.first_reach(c.test_loss, test_target) or ('never',))[0]}"
-                for c in curves)
+                + ("" if c.status == "ok" else f" ({c.status} at step {c.steps})")
+                + (f" ({c.skips} steps skipped)" if c.skips else "") for c in curves)
             rows.append((f"exact Gauss-Newton reaches AdamW's final loss sooner: {label}", name,
                          f"lr {best.lr:.3g}, {best.steps} steps in {best.seconds[-1]:.2f} s",
                          f"final train {best.train_loss[-1]:.4f}, held-out {best.final:.4f}; to "
