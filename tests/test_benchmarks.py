@@ -295,3 +295,28 @@ def test_diverging_run_stops_and_json_stays_strict(tmp_path, monkeypatch):
     assert boom["status"] == "diverged" and boom["steps"] < 40
     assert boom["batch_loss"][-1] is None  # the non-finite loss, written as null
     assert "Boom (diverged)" in (out / "table.md").read_text()
+
+
+def test_train_step_cost_interleaves_both_sides_on_the_same_batches(monkeypatch):
+    """Both sides take every step (one time per side per timed step) on identical batches, so
+    with AdamW on both sides they end with identical weights; ratios are positive."""
+    from benchmarks import train_step_cost
+    from benchmarks.workloads import WORKLOADS
+
+    task = WORKLOADS["W2"].setup(True, 4)
+    models_seen = []
+    original = train_step_cost._train_step
+
+    def recording(model, optimizer, closure, task_, batch):
+        models_seen.append(model)
+        return original(model, optimizer, closure, task_, batch)
+
+    monkeypatch.setattr(train_step_cost, "_train_step", recording)
+    monkeypatch.setitem(train_step_cost.ENTRIES, "AdamW-twin", ("torch.optim:AdamW", False, None, {}))
+    row = train_step_cost.measure("AdamW-twin", task, steps=3, warmup=1)
+    assert len(models_seen) == 8 and row["train_mean_ratio"] > 0 and row["step_mean_ratio"] > 0
+    first, second = models_seen[0], models_seen[1]
+    for a, b in zip(first.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Invalid steps"):
+        train_step_cost.main(["--steps", "0"])
