@@ -152,12 +152,14 @@ ROWS = {
         dict(eigenvalue_corrected=True, grafting="none", betas=(0.95, 0.95), epsilon=1e-8, refresh="qr", start=1)),
     # SOAP-mode inverse_exponent_override={2: 0.25}: denominator (Λ/c₂)^0.25 + ε
     "soap_exponent_override": (
-        dict(eigenvalue_correction=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, inverse_exponent_override={2: 0.25}),
+        dict(eigenvalue_correction=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8,
+             inverse_exponent_override={2: 0.25}),
         dict(eigenvalue_corrected=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, exponents=(0.25, 0.25),
              start=1, refresh="qr")),
     # ignored_basis_change_dims={2: [0]}
     "soap_ignored_basis_change_dims": (
-        dict(eigenvalue_correction=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, inverse_exponent_override={2: {0: 0.0}}),
+        dict(eigenvalue_correction=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8,
+             inverse_exponent_override={2: {0: 0.0}}),
         dict(eigenvalue_corrected=True, grafting="none", betas=(0.9, 0.95), epsilon=1e-8, exponents=(0.0, 0.5),
              start=1, refresh="qr")),
 }
@@ -215,7 +217,7 @@ def test_decoupled_before_momentum_differs_from_adamw_order_only_with_momentum()
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(precondition_frequency=10, start_preconditioning_step=5), "start_preconditioning_step"),
-    (dict(eigenvalue_correction=True, grafting="none", inverse_exponent_override={2: {0: 0.25, 1: 0.5}}), "inverse_exponent_override"),
+    (dict(eigenvalue_correction=True, inverse_exponent_override={2: {0: 0.25, 1: 0.5}}), "inverse_exponent_override"),
     (dict(inverse_exponent_override={2: {2: 0.25}}), "inverse_exponent_override dim"),
     (dict(refresh_method="qr"), "refresh_method"),
     (dict(eigenvalue_correction=True, grafting="none", refresh_method="newton"), "refresh_method"),
