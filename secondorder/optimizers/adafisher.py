@@ -108,7 +108,8 @@ class AdaFisher(CapturingOptimizer):
         unsupported: ``"adam"`` or ``"identity"`` (above).
         eps: the Adam fallback's (and the graft's) ε.
         normalization: ``"mean"`` (default) or ``"minmax"`` (the paper), in ``ema="paper"``.
-        graft: ``"adam"`` (default) or ``"none"``.
+        graft: ``"adam"`` (default), ``"adam_cap"`` (the step's own length, at most Adam's) or
+            ``"none"``.
         power: ``p ∈ (0, 1]``: the step is ``m̂ ⊘ F̃^p`` (1 = the paper).
         loss_reduction: ``"mean"`` or ``"sum"`` (capture docs).
         distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
@@ -238,9 +239,9 @@ class AdaFisher(CapturingOptimizer):
         """``m̂ ⊘ F̃^p``, grafted to the norm of Adam's ``m̂ ⊘ (√v̂ + ε)`` with ``graft="adam"``."""
         filtered, grad = self._averaged(param, group)
         update = filtered / (fisher if group["power"] == 1.0 else fisher.pow(group["power"]))
-        if group["graft"] == "adam":
-            (update,) = adam_graft([self.state[param]], [grad], [update],
-                                   beta2=group["betas"][1], eps=group["eps"], numerators=[filtered])
+        if group["graft"] != "none":
+            (update,) = adam_graft([self.state[param]], [grad], [update], beta2=group["betas"][1],
+                                   eps=group["eps"], numerators=[filtered], kind=group["graft"])
         return update
 
     def _averaged(self, param: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:

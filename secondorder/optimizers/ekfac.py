@@ -143,7 +143,8 @@ class EKFAC(CapturingOptimizer):
         power: ``p ∈ (0, 1]`` of ``(Λ + λ)^{-p}``; 0.5 default, 1 the paper.
         correction: ``"batch"`` (default) or ``"per_example"`` (the paper, every
             ``correction_every`` steps).
-        graft: ``"adam"`` (default) or ``"none"`` (the method's own step length).
+        graft: ``"adam"`` (default), ``"adam_cap"`` (its own step length, at most Adam's) or
+            ``"none"`` (the method's own step length).
         max_factor_dim: ``None`` (default: every ``A`` whole) or the widest input-side factor
             kept whole; wider ones are block-diagonal ("Wide layers" above).
         distributor: ``None`` (one process), ``True`` (under torchrun: each rank owns a
@@ -347,7 +348,7 @@ class EKFAC(CapturingOptimizer):
             matrix = self.gradient_matrix(layer, groups, statistics_dtype(layer.weight.dtype))
             preconditioned = self._direction(layer.weight, matrix, group)
             weight_part, bias_part = layer.split_matrix(preconditioned)
-            if group["graft"] == "adam":
+            if group["graft"] != "none":
                 weight_part, bias_part = self._graft(layer, group, weight_part, bias_part)
             if group["kl_clip"] is not None:
                 kl_terms.append((group, (preconditioned * matrix).sum() * group_lr(group) ** 2))
@@ -380,7 +381,7 @@ class EKFAC(CapturingOptimizer):
                 params.append(param)
                 parts.append(part)
         grafted = adam_graft([self.state[p] for p in params], [p.grad for p in params], parts,
-                             beta2=group["betas"][1], eps=group["eps"])
+                             beta2=group["betas"][1], eps=group["eps"], kind=group["graft"])
         by_param = {id(p): d for p, d in zip(params, grafted, strict=True)}
         return by_param.get(id(layer.weight), weight_part), (
             None if layer.bias is None else by_param.get(id(layer.bias), bias_part))

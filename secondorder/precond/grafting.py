@@ -18,6 +18,11 @@ curvature's direction (what these methods claim to improve) and makes ``lr`` mea
 means for Adam, per layer, so the defaults carry over from AdamW. Momentum is applied by the
 caller *after* grafting, so the momentum-filtered step has Adam's scale as well.
 
+``"adam_cap"`` keeps the method's own step length but shrinks a layer's step to Adam's norm
+where it is longer (``P ← P · min(1, ‖D‖_F / ‖P‖_F)``): a trust region for methods whose
+own step is right most of the time but can blow up, e.g. an inverse Kronecker factor whose
+statistics vanish late in training (SINGD's default, issue 14).
+
 Everything stays on the device: the scale is a 0-d tensor (no host synchronisation).
 """
 
@@ -28,8 +33,9 @@ from torch import Tensor
 
 __all__ = ["GRAFT_KINDS", "adam_graft", "graft_state_keys"]
 
-GRAFT_KINDS = ("adam", "none")
-"""``"adam"``: rescale to Adam's per-layer norm; ``"none"``: the method's own step length."""
+GRAFT_KINDS = ("adam", "adam_cap", "none")
+"""``"adam"``: rescale to Adam's per-layer norm; ``"adam_cap"``: the method's own step length,
+at most Adam's per-layer norm; ``"none"``: the method's own step length."""
 
 _SECOND_MOMENT = "graft_exp_avg_sq"
 _STEP = "graft_step"
@@ -48,6 +54,7 @@ def adam_graft(
     beta2: float,
     eps: float,
     numerators: list[Tensor] | None = None,
+    kind: str = "adam",
 ) -> list[Tensor]:
     """Rescale one layer's ``directions`` to the Frobenius norm of Adam's direction.
 
@@ -61,9 +68,11 @@ def adam_graft(
             are of momentum-filtered steps, ``‖m̂ ⊘ (√v̂ + ε)‖``.
         beta2: Adam's second-moment rate ``β₂ ∈ [0, 1)``.
         eps: Adam's ``ε > 0``.
+        kind: ``"adam"`` (set the norm to ``‖D‖``) or ``"adam_cap"`` (at most ``‖D‖``).
 
     Returns:
-        ``P · ‖D‖/(‖P‖ + 1e-16)`` for each parameter (new tensors, dtype of ``directions``).
+        ``P · r`` for each parameter (new tensors, dtype of ``directions``), with
+        ``r = ‖D‖/(‖P‖ + 1e-16)`` (``"adam"``) or ``min(1, r)`` (``"adam_cap"``).
     """
     adam_sq = []
     direction_sq = []
@@ -84,5 +93,9 @@ def adam_graft(
         adam_sq.append(((numerator.to(work) / denominator) ** 2).sum())
         direction_sq.append((direction.to(work) ** 2).sum())
     scale = torch.stack(adam_sq).sum().sqrt() / (torch.stack(direction_sq).sum().sqrt() + 1e-16)
+    if kind == "adam_cap":
+        scale = scale.clamp(max=1.0)
+    elif kind != "adam":
+        raise ValueError(f"Invalid kind: {kind!r} (expected 'adam' or 'adam_cap')")
     return [(direction * scale).to(direction.dtype) for direction in directions]
 

@@ -64,8 +64,10 @@ def train(model, opt, steps: int, seed0: int = 0, **batch_kwargs) -> list[float]
 def make(params, **kwargs) -> SINGD:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        # singd 0.0.5's own defaults for everything the tests do not set
         return SINGD(params, **{"lr": 0.05, "lr_cov": 5e-2, "T": 1, "graft": "none",
-                              "init_scale": 1.0, **kwargs})
+                              "init_scale": 1.0, "normalize_lr_cov": False,
+                              "loss_average": "batch", **kwargs})
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -487,7 +489,7 @@ def test_multihead_attention_projections_are_preconditioned():
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing falls back: no warning
-        opt = SINGD(model, lr=0.02, T=1)
+        opt = SINGD(model, lr=3e-3, T=1)
     losses = train(model, opt, 30, shape=(5, 8))
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} was not trained"

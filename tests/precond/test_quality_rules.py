@@ -3,6 +3,7 @@ SINGD's statistics-scaled initial factors, AdaFisher's mean normalisation."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -45,6 +46,48 @@ def test_adam_graft_with_numerators_uses_them_for_the_norm():
                         beta2=0.0, eps=0.0, numerators=[numerator])
     expected_norm = math.sqrt(0.5**2 + 0.25**2)  # numerator / |g|
     assert float(out.norm()) == pytest.approx(expected_norm)
+
+
+@pytest.mark.parametrize("length", [1e-3, 1e3])
+def test_adam_cap_shrinks_only_steps_longer_than_adams(length):
+    """t = 1: Adam's direction is sign(g), norm √6; a shorter step passes unchanged, a longer
+    one is shrunk to exactly that norm along its own direction."""
+    torch.manual_seed(0)
+    grad = torch.randn(2, 3, dtype=torch.float64)
+    direction = torch.randn(2, 3, dtype=torch.float64)
+    direction *= length / direction.norm()
+    (out,) = adam_graft([{}], [grad], [direction], beta2=0.999, eps=1e-12, kind="adam_cap")
+    if length < math.sqrt(6):
+        torch.testing.assert_close(out, direction, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out, direction * (math.sqrt(6) / length), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="Invalid kind"):
+        adam_graft([{}], [grad], [direction], beta2=0.999, eps=1e-8, kind="sgd")
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1e3])
+def test_singd_default_step_is_its_own_and_never_longer_than_adams(loss_scale):
+    """SINGD's default (graft="adam_cap", no momentum here): each layer's step is the natural
+    gradient itself where that is shorter than Adam's step, and Adam's length where longer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    lengths = {}
+    for graft in ("none", "adam_cap"):
+        work = copy.deepcopy(model)
+        optimizer = SINGD(work, lr=1.0, momentum=0.0, graft=graft, warn_unsupported=False)
+        before = [p.detach().clone() for p in work.parameters()]
+        optimizer.zero_grad()
+        (loss_scale * F.mse_loss(work(x), y)).backward()
+        grads = [p.grad.clone() for p in work.parameters()]
+        optimizer.step()
+        steps = [b - p.detach() for b, p in zip(before, work.parameters())]
+        lengths[graft] = [math.hypot(steps[i].norm(), steps[i + 1].norm()) for i in (0, 2)]
+    for layer, own in enumerate(lengths["none"]):
+        adam = math.sqrt(grads[2 * layer].numel() + grads[2 * layer + 1].numel())  # sign(g) at t=1
+        assert lengths["adam_cap"][layer] == pytest.approx(min(own, adam), rel=1e-6)
+    bites = max(lengths["none"]) > math.sqrt(4 * 8 + 8)
+    assert bites == (loss_scale > 1)  # both cases are exercised
 
 
 def test_relative_damping_is_absolute_damping_times_mean():
@@ -141,7 +184,9 @@ def test_singd_auto_init_makes_loss_average_matter_less():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5))
     x, y = torch.randn(4, 16, 4), torch.randint(0, 5, (4, 16))
-    optimizer = SINGD(model, init_scale="auto", warn_unsupported=False)
+    # the pre-0.5 defaults: wrong loss_average for this loss, slow factor steps
+    optimizer = SINGD(model, init_scale="auto", loss_average="batch", lr_cov=1e-2,
+                      normalize_lr_cov=False, warn_unsupported=False)
     optimizer.zero_grad()
     F.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1)).backward()
     optimizer.step()
