@@ -271,7 +271,7 @@ register(RaceEntry(
 register(RaceEntry(
     "AdaFisher", "secondorder:AdaFisher", pass_model=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), damping=1e-3, gamma=0.8, weight_decay=1e-4,
-                     update_freq=10, normalization="minmax", graft="none"),
+                     update_freq=10, normalization="minmax", graft="none", step_scale=1.0),
            "W2": dict(lr=1e-3)},
     note="paper EMA rule (normalise after averaging), factors every 10 steps, Adam fallback",
 ))
@@ -279,7 +279,7 @@ register(RaceEntry(
 register(RaceEntry(
     "AdaFisherW", "secondorder:AdaFisherW", pass_model=True, quick=True,
     hyper={"*": dict(lr=3e-3, betas=(0.9, 0.999), damping=1e-3, gamma=0.8, weight_decay=1e-4,
-                     update_freq=10, normalization="minmax", graft="none"),
+                     update_freq=10, normalization="minmax", graft="none", step_scale=1.0),
            "W2": dict(lr=1e-3, weight_decay=0.01)},
     note="AdaFisher with decoupled weight decay",
 ))
@@ -319,10 +319,10 @@ register(RaceEntry(
 # a bare step() on copied gradients would never update the factors). The "-bf16" rows keep the
 # fp32 model and hold K, C and their momenta in bf16 (the paper's precision claim).
 # W2's loss is a mean over tokens: loss_average="batch+sequence" scales G to match.
-# graft/init_scale pinned to singd's algorithm: these settings were tuned for it (the
-# constructor's defaults since issue 14 graft to Adam's norm; benchmarks/defaults_race.py).
+# graft/init_scale/normalize_lr_cov/loss_average pinned to singd's algorithm: these settings
+# were tuned for it (the constructor's defaults differ since issue 14; defaults_race.py).
 _SINGD_HYPER = {"*": dict(lr=1e-2, momentum=0.9, damping=0.1, lr_cov=5e-2, T=5, graft="none",
-                          init_scale=1.0),
+                          init_scale=1.0, normalize_lr_cov=False, loss_average="batch"),
                 "W2": dict(loss_average="batch+sequence")}
 _BF16 = {"preconditioner_dtype": torch.bfloat16}
 for _name, _extra in (("SINGD", {}), ("SINGD-diag", {"structures": "diagonal"}),

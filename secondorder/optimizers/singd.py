@@ -90,7 +90,7 @@ class SINGD(CapturingOptimizer):
         params: parameters or param groups, or the model itself (shorthand for
             ``model.parameters()``, ``model=model``).
         model: the ``nn.Module`` whose layers are hooked (required unless ``params`` is it).
-        lr: β₂, the parameter step size.
+        lr: β₂, the parameter step size (default 3e-3; singd 1e-3).
         momentum: α₂, heavy-ball momentum on the parameter step.
         damping: λ, damping inside the ``m_K``/``m_C`` updates.
         alpha1: α₁, Riemannian momentum; default 0.5 (INGD) or 0 (``kfac_like``). A non-zero
@@ -110,10 +110,10 @@ class SINGD(CapturingOptimizer):
         init_scale: ``K₀ = C₀ = init_scale · I`` (default 1, as singd), or ``"auto"``:
             ``K₀ = (tr̄(U) + √λ)^{-1/2} I``, ``C₀`` likewise from ``G``, at the first update
             (:mod:`secondorder.precond.structured.initial_scale`).
-        graft: ``"adam_cap"`` (default): singd's step, shrunk per layer to at most the norm
-            of Adam's step at the same ``lr`` where it is longer (a trust region,
-            :mod:`secondorder.precond.grafting`); ``"adam"``: rescaled to Adam's norm times
-            ``1 − momentum`` (so ``lr`` means Adam's lr); ``"none"``: singd's step.
+        graft: ``"adam_cap"`` (default): singd's step, shrunk per layer where it is longer
+            than Adam's step at the same ``lr`` times ``1 − momentum`` (a trust region,
+            :mod:`secondorder.precond.grafting`); ``"adam"``: rescaled to that norm (so ``lr``
+            means Adam's lr); ``"none"``: singd's step.
         normalize_lr_cov: normalised factor steps, ``β₁ / max(1, max|m|)`` and ``½(1 − α₁)``
             (default True; singd: False).
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Eschenhagen et al.
@@ -141,7 +141,7 @@ class SINGD(CapturingOptimizer):
             result as DDP; :mod:`secondorder.distributed.ownership`, "FSDP2").
 
     **Defaults: a documented variant** (issue 14, ``benchmarks/defaults_race.py``). singd
-    0.0.5's algorithm is ``SINGD(..., lr_cov=1e-2, normalize_lr_cov=False,
+    0.0.5's algorithm is ``SINGD(..., lr=1e-3, lr_cov=1e-2, normalize_lr_cov=False,
     loss_average="batch", graft="none")`` and is what the agreement tests pin. At those
     settings a transformer whose loss is a mean over examples × tokens has ``G`` ~10⁴× under
     the identity, so at ``lr_cov=1e-2``, ``T=10`` the factors stay ≈ I for hundreds of steps
@@ -149,16 +149,19 @@ class SINGD(CapturingOptimizer):
     is (``loss_average="batch+sequence"``), take normalised factor steps 30× larger
     (``lr_cov=0.3``, ``normalize_lr_cov=True``: the factors reach the statistics' scale within
     a few updates without the overshoot that diverges unnormalised steps of that size), and
-    keep singd's own step length, capped per layer at Adam's (``graft="adam_cap"``): late in
-    training on a small MLP the statistics vanish, ``(G + λ)⁻¹`` grows towards ``1/λ`` and the
-    uncapped step diverged at ``lr`` 1e-3 and 3e-3; on the transformer the cap moved the result
-    by less than 1e-3.
-    Measured (quick byte transformer / digits CNN / digits MLP, best of lr ⅓, 1, 3 × 1e-3,
-    held-out): these defaults 2.391 / 0.080 / 0.114 against the previous ones (Adam-norm graft,
-    statistics-scaled ``K₀``) 2.645 / 0.127 / 0.115 and AdamW's 2.543 / 0.168 / 0.115. A
-    convolution's positions are pixels, so there ``"batch+sequence"`` scales ``G`` by their
-    number (a larger effective damping); on the CNN that measured level with ``"batch"``
-    (0.081 / 0.083 at lr 1e-3).
+    keep singd's own step length but cap it per layer (``graft="adam_cap"``) at
+    ``(1 − momentum)`` × the norm of Adam's step at the same ``lr``, so that the heavy-ball sum
+    of aligned steps is never longer than Adam's. Uncapped, late in training on a small MLP the
+    statistics vanish, ``(G + λ)⁻¹`` grows towards ``1/λ`` and the step diverged at ``lr``
+    1e-3 and 3e-3; capped at Adam's norm before the sum (not ``(1 − momentum)`` of it), the
+    full-size byte transformer at lr 3e-3 jumped from 2.52 to 4.02 within ten steps and ended
+    at 3.013 (capped as now: 2.386). The default ``lr`` is 3e-3. Measured (best held-out over
+    lr ⅓, 1, 3 × the default; quick byte transformer / digits CNN / digits MLP): dense
+    2.358 / 0.103 / 0.127, diagonal 2.375 / 0.133 / 0.108; the previous defaults (Adam-norm
+    graft, statistics-scaled ``K₀``, lr 1e-3) dense 2.645 / 0.127 / 0.115, diagonal
+    2.649 / 0.152 / 0.115; AdamW 2.543 / 0.168 / 0.115. A convolution's positions are pixels,
+    so there ``"batch+sequence"`` scales ``G`` by their number (a larger effective damping); on
+    the CNN that measured level with ``"batch"`` (0.081 / 0.083, an earlier cap).
 
     State per tracked layer, in ``state[layer.weight]``: ``K``, ``C`` (and ``m_K``, ``m_C`` when
     α₁ ≠ 0) as flat tensors of the structures' ``numel``; ``step`` and ``numerical_failures``
@@ -177,7 +180,7 @@ class SINGD(CapturingOptimizer):
     def __init__(
         self,
         params: ParamsT | nn.Module,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         momentum: float = 0.9,
         damping: float = 1e-3,
         weight_decay: float = 0.0,
@@ -342,11 +345,14 @@ class SINGD(CapturingOptimizer):
             if param is not None and param.grad is not None and part is not None:
                 params.append(param)
                 parts.append(part.reshape(param.shape))
+        # Adam-sized after the heavy-ball sum ``buf ← α₂·buf + d``: ``d`` grafted to, or capped
+        # at, ``(1 − α₂)·‖D‖`` (a cap of ‖D‖ let aligned steps add up to 10× Adam's: full-size
+        # byte transformer at lr 3e-3, loss 2.52 → 4.02 in ten steps; capped tightly 2.386).
+        limit = 1.0 - group["momentum"]
         grafted = adam_graft([self.state[p] for p in params], [p.grad for p in params], parts,
-                             beta2=group["betas"][1], eps=group["eps"], kind=group["graft"])
-        # a grafted step is Adam-sized after the heavy-ball sum; a capped one before it
-        factor = 1.0 - group["momentum"] if group["graft"] == "adam" else 1.0
-        by_param = {id(p): d * factor for p, d in zip(params, grafted, strict=True)}
+                             beta2=group["betas"][1], eps=group["eps"], kind=group["graft"],
+                             limit=limit)
+        by_param = {id(p): d for p, d in zip(params, grafted, strict=True)}
         bias = None if bias_nat is None else by_param.get(id(layer.bias), bias_nat)
         return by_param.get(id(layer.weight), weight_nat), bias
 

@@ -55,6 +55,7 @@ def adam_graft(
     eps: float,
     numerators: list[Tensor] | None = None,
     kind: str = "adam",
+    limit: float = 1.0,
 ) -> list[Tensor]:
     """Rescale one layer's ``directions`` to the Frobenius norm of Adam's direction.
 
@@ -68,11 +69,13 @@ def adam_graft(
             are of momentum-filtered steps, ``‖m̂ ⊘ (√v̂ + ε)‖``.
         beta2: Adam's second-moment rate ``β₂ ∈ [0, 1)``.
         eps: Adam's ``ε > 0``.
-        kind: ``"adam"`` (set the norm to ``‖D‖``) or ``"adam_cap"`` (at most ``‖D‖``).
+        kind: ``"adam"`` (set the norm to ``c·‖D‖``) or ``"adam_cap"`` (at most ``c·‖D‖``).
+        limit: ``c > 0``; a caller whose momentum is a heavy-ball sum ``buf ← α·buf + d``
+            passes ``1 − α`` so that the sum, not each ``d``, has Adam's size.
 
     Returns:
         ``P · r`` for each parameter (new tensors, dtype of ``directions``), with
-        ``r = ‖D‖/(‖P‖ + 1e-16)`` (``"adam"``) or ``min(1, r)`` (``"adam_cap"``).
+        ``r = c·‖D‖/(‖P‖ + 1e-16)`` (``"adam"``) or ``min(1, r)`` (``"adam_cap"``).
     """
     adam_sq = []
     direction_sq = []
@@ -92,7 +95,7 @@ def adam_graft(
         denominator = (second / correction).sqrt_().add_(eps)
         adam_sq.append(((numerator.to(work) / denominator) ** 2).sum())
         direction_sq.append((direction.to(work) ** 2).sum())
-    scale = torch.stack(adam_sq).sum().sqrt() / (torch.stack(direction_sq).sum().sqrt() + 1e-16)
+    scale = limit * torch.stack(adam_sq).sum().sqrt() / (torch.stack(direction_sq).sum().sqrt() + 1e-16)
     if kind == "adam_cap":
         scale = scale.clamp(max=1.0)
     elif kind != "adam":

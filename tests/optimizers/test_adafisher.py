@@ -190,7 +190,7 @@ def test_update_algebra_adafisher_vs_adafisherw():
     for cls in (AdaFisher, AdaFisherW):
         model, x, y = _constant_problem()
         optimizer = cls(model, lr=0.01, weight_decay=0.1, update_freq=1, betas=(0.9, 0.999),
-                        graft="none")
+                        graft="none", step_scale=1.0)
         before = model[0].weight.detach().clone()
         optimizer.zero_grad()
         F.mse_loss(model(x), y).backward()
@@ -296,3 +296,51 @@ def test_identity_matching_with_embedding_frozen_and_tied_weights():
     assert [layer.name for layer in optimizer.capture.layers] == ["hidden", "norm"]
     assert optimizer.fisher(model.hidden.weight).shape == (4, 4)
     assert optimizer.fisher(model.embed.weight) is None
+
+
+@pytest.mark.parametrize("loss_average", ["batch+sequence", "batch"])
+def test_unnormalised_fisher_is_the_kronecker_diagonal_gauss_newton_of_the_loss(loss_average):
+    """Default ``normalization="none"``: ``F̃ − λ = E[a²] ⊗ E[(∂ℓ_t/∂z)²]·c`` for a sequence
+    model, with ``c = 1`` for a loss averaged over examples × positions and ``c = T`` for one
+    averaged over examples and summed over positions (per-position loss ``ℓ_t = ½‖z − y‖²``)."""
+    torch.manual_seed(0)
+    n, t, d_in, d_out = 4, 5, 3, 2
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).double()
+    x = torch.randn(n, t, d_in, dtype=torch.float64)
+    y = torch.randn(n, t, d_out, dtype=torch.float64)
+    optimizer = AdaFisher(model, lr=0.0, gamma=0.0, update_freq=1, loss_average=loss_average)
+    optimizer.zero_grad()
+    per_position = 0.5 * ((model(x) - y) ** 2).sum(-1)  # (n, t)
+    loss = per_position.mean() if loss_average == "batch+sequence" else per_position.sum(1).mean()
+    loss.backward()
+    optimizer.step()
+    residual = (model(x) - y).detach()  # lr 0: the weights did not move
+    expected = torch.outer((residual**2).mean((0, 1)), (x**2).mean((0, 1)))
+    if loss_average == "batch":
+        expected = expected * t
+    fisher = optimizer.fisher(model[0].weight)
+    torch.testing.assert_close(fisher - optimizer.param_groups[0]["damping"], expected,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_default_step_is_scaled_fisher_step_capped_at_adams_norm():
+    """One step at the defaults (``graft="adam_cap"``, ``step_scale=30``): the update is
+    ``lr·30·m̂ ⊘ F̃`` where that is shorter than Adam's ``lr·m̂ ⊘ (√v̂ + ε)`` per parameter,
+    and shrunk to Adam's length along the same direction where it is longer."""
+    for loss_scale in (1.0, 1e3):
+        model, x, y = _constant_problem()
+        model, x, y = model.double(), x.double(), y.double()
+        optimizer = AdaFisherW(model, lr=0.01, weight_decay=0.0, update_freq=1)
+        before = model[0].weight.detach().clone()
+        optimizer.zero_grad()
+        (loss_scale * F.mse_loss(model(x), y)).backward()
+        grad = model[0].weight.grad.clone()
+        optimizer.step()
+        fisher = optimizer.fisher(model[0].weight)
+        own = 30.0 * grad / fisher  # t = 1: m̂ = g
+        adam_norm = float((grad / (grad.abs() + 1e-8)).norm())
+        step = before - model[0].weight.detach()
+        expected = 0.01 * own * min(1.0, adam_norm / float(own.norm()))
+        torch.testing.assert_close(step, expected, rtol=1e-9, atol=0)
+        bites = float(own.norm()) > adam_norm
+        assert bites == (loss_scale == 1.0)  # F̃ grows as the loss², m̂ ⊘ F̃ shrinks: both branches

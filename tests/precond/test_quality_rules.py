@@ -65,17 +65,20 @@ def test_adam_cap_shrinks_only_steps_longer_than_adams(length):
         adam_graft([{}], [grad], [direction], beta2=0.999, eps=1e-8, kind="sgd")
 
 
-@pytest.mark.parametrize("loss_scale", [1.0, 1e3])
-def test_singd_default_step_is_its_own_and_never_longer_than_adams(loss_scale):
-    """SINGD's default (graft="adam_cap", no momentum here): each layer's step is the natural
-    gradient itself where that is shorter than Adam's step, and Adam's length where longer."""
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("loss_scale", [1e-2, 1e3])
+def test_singd_default_step_is_its_own_and_never_longer_than_adams(loss_scale, momentum):
+    """SINGD's default (graft="adam_cap"): each layer's first step (the heavy-ball buffer
+    starts at 0, so it is ``d``) is the natural gradient itself where that is shorter than
+    ``(1 − α₂)·`` Adam's step, and that length where longer (so the heavy-ball sum of
+    aligned steps is at most Adam's length)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
     lengths = {}
     for graft in ("none", "adam_cap"):
         work = copy.deepcopy(model)
-        optimizer = SINGD(work, lr=1.0, momentum=0.0, graft=graft, warn_unsupported=False)
+        optimizer = SINGD(work, lr=1.0, momentum=momentum, graft=graft, warn_unsupported=False)
         before = [p.detach().clone() for p in work.parameters()]
         optimizer.zero_grad()
         (loss_scale * F.mse_loss(work(x), y)).backward()
@@ -85,8 +88,8 @@ def test_singd_default_step_is_its_own_and_never_longer_than_adams(loss_scale):
         lengths[graft] = [math.hypot(steps[i].norm(), steps[i + 1].norm()) for i in (0, 2)]
     for layer, own in enumerate(lengths["none"]):
         adam = math.sqrt(grads[2 * layer].numel() + grads[2 * layer + 1].numel())  # sign(g) at t=1
-        assert lengths["adam_cap"][layer] == pytest.approx(min(own, adam), rel=1e-6)
-    bites = max(lengths["none"]) > math.sqrt(4 * 8 + 8)
+        assert lengths["adam_cap"][layer] == pytest.approx(min(own, (1 - momentum) * adam), rel=1e-6)
+    bites = max(lengths["none"]) > (1 - momentum) * math.sqrt(4 * 8 + 8)
     assert bites == (loss_scale > 1)  # both cases are exercised
 
 
@@ -197,7 +200,7 @@ def test_singd_auto_init_makes_loss_average_matter_less():
 def test_adafisher_mean_normalisation_makes_damping_relative():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
-    optimizer = AdaFisher(model, update_freq=1, gamma=0.0, damping=1e-3)
+    optimizer = AdaFisher(model, update_freq=1, gamma=0.0, damping=1e-3, normalization="mean")
     x, y = torch.randn(8, 3), torch.randn(8, 2)
     optimizer.zero_grad()
     F.mse_loss(model(x), y).backward()
