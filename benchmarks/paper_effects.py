@@ -48,7 +48,6 @@ below; where it did not, the row's numbers say by how much.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 import time
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.defaults_race import default_lr as constructor_lr
 from secondorder import EKFAC, SANIA, SINGD, AdaFisherW, ExactGaussNewton
 
 LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
@@ -303,16 +303,11 @@ def _best(curves: list[Curve]) -> Curve:
 
 
 # --------------------------------------------------------------------------- SINGD in bf16
-def _default_lr(cls: type) -> float:
-    """The constructor's own default ``lr``: the centre of every sweep here."""
-    return float(inspect.signature(cls).parameters["lr"].default)
-
-
 BF16_OPTIMIZERS: dict[str, tuple[float, Callable[[nn.Module, float], torch.optim.Optimizer]]] = {
-    "AdamW": (_default_lr(torch.optim.AdamW), lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr)),
-    "EKFAC": (_default_lr(EKFAC), lambda model, lr: EKFAC(model.parameters(), lr=lr, model=model)),
-    "SINGD": (_default_lr(SINGD), lambda model, lr: SINGD(model.parameters(), lr=lr, model=model)),
-    "SINGD, bf16 factors": (_default_lr(SINGD), lambda model, lr: SINGD(
+    "AdamW": (constructor_lr("AdamW"), lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr)),
+    "EKFAC": (constructor_lr("EKFAC"), lambda model, lr: EKFAC(model.parameters(), lr=lr, model=model)),
+    "SINGD": (constructor_lr("SINGD"), lambda model, lr: SINGD(model.parameters(), lr=lr, model=model)),
+    "SINGD, bf16 factors": (constructor_lr("SINGD"), lambda model, lr: SINGD(
         model.parameters(), lr=lr, model=model, preconditioner_dtype=torch.bfloat16)),
 }
 
@@ -466,8 +461,8 @@ def equal_time_runs(seconds: float, clock: str) -> dict[str, list[Curve]]:
 
     task = WORKLOADS["W2"].setup(True, 200)  # steps only set the warm-up fraction (5 %)
     builders = {
-        "AdamW": (_default_lr(torch.optim.AdamW), lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr)),
-        "AdaFisherW": (_default_lr(AdaFisherW), lambda m, lr: AdaFisherW(m.parameters(), lr=lr, model=m)),
+        "AdamW": (constructor_lr("AdamW"), lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr)),
+        "AdaFisherW": (constructor_lr("AdaFisherW"), lambda m, lr: AdaFisherW(m.parameters(), lr=lr, model=m)),
     }
     return {name: _sweep(task, name, build, default_lr, budget_s=seconds, clock=clock,
                          evaluate_every_step=False)

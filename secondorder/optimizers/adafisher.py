@@ -17,7 +17,13 @@ from secondorder.distributed.distributor import Distributor
 from secondorder.optimizers.base import ParamsT, split_model_argument
 from secondorder.optimizers.capturing import CapturingOptimizer
 from secondorder.optimizers.validation import check_choice, check_int, check_real
-from secondorder.precond.capture import DENSE_KINDS, NORM_KINDS, CapturedLayer, LayerStats
+from secondorder.precond.capture import (
+    DENSE_KINDS,
+    NORM_KINDS,
+    CapturedLayer,
+    LayerStats,
+    loss_average_scale,
+)
 from secondorder.precond.fisher_diagonal import (
     diagonal_statistics,
     fisher_diagonal,
@@ -369,18 +375,13 @@ class AdaFisher(CapturingOptimizer):
         self._assemble(state, group)
 
     def _loss_scale(self, stats: LayerStats) -> float:
-        """``c`` with ``h ⊗ (c·ŝ)`` the Kronecker-diagonal Gauss-Newton of the loss as reduced.
-
-        ``ŝ`` is the mean over the ``P`` positions of the captured ``g²`` (``T = P/N`` per
-        example): a sum loss has ``c = P``; a mean over examples (``g`` is then example ``n``'s
-        gradient, its loss summed over positions) ``c = T``; a mean over examples × positions
-        (``g`` is ``1/T`` of each position's loss gradient) ``c = T²``.
-        """
+        """``c`` with ``h ⊗ (c·ŝ)`` the Kronecker-diagonal Gauss-Newton of the loss as reduced:
+        ``ŝ`` is the mean of ``g²`` over the ``P`` positions, so ``c = P`` times the row scale of
+        :func:`~secondorder.precond.capture.loss_average_scale` (``T²`` for a mean over
+        examples × positions, ``T`` over examples, ``P`` for a sum)."""
         positions = max(stats.num_positions, 1)
-        if self._loss_reduction == "sum":
-            return float(positions)
-        per_example = positions / max(stats.num_examples, 1)
-        return per_example**2 if self.loss_average == "batch+sequence" else per_example
+        average = None if self._loss_reduction == "sum" else self.loss_average
+        return positions * loss_average_scale(average, max(stats.num_examples, 1), positions)
 
     def _layer_fisher(self, layer: CapturedLayer, group: dict) -> tuple[Tensor, Tensor | None]:
         """``F̃`` of the layer's weight and bias from its current diagonals (class docstring)."""

@@ -125,11 +125,30 @@ __all__ = [
     "DENSE_KINDS",
     "KRONECKER_KINDS",
     "NORM_KINDS",
+    "loss_average_scale",
     "module_kind",
     "register_layer_kind",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def loss_average_scale(loss_average: str | None, num_examples: int, num_positions: int) -> float:
+    """``c`` with ``c · Σ_rows g gᵀ`` the output-side Gauss-Newton factor of the loss as reduced.
+
+    ``g`` are :class:`LayerStats` rows (per-example scaling), ``num_positions = N·T``:
+    ``"batch"`` (a mean over the ``N`` examples, each summed over its positions) ``1/N``;
+    ``"batch+sequence"`` (a mean over the ``N·T`` positions: each position's own loss
+    gradient is ``T·g``) ``N·T/N²``; ``None`` (a sum) 1. SINGD's ``G`` (singd 0.0.5's
+    scaling) and AdaFisher's loss-scale Fisher both use it.
+    """
+    if loss_average == "batch":
+        return 1.0 / num_examples
+    if loss_average == "batch+sequence":
+        return num_positions / num_examples**2
+    if loss_average is None:
+        return 1.0
+    raise ValueError(f"Invalid loss_average: {loss_average!r}")
 
 
 @dataclass

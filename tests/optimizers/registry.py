@@ -272,6 +272,8 @@ for _name, _twin in (("AdaFisher", "AdaFisherW"), ("AdaFisherW", "AdaFisher")):
                 ({"normalization": "max"}, "normalization"),
                 ({"graft": "sgd"}, "graft"),
                 ({"power": 0.0}, "power"),
+                ({"step_scale": 0.0}, "step_scale"),
+                ({"loss_average": "tokens"}, "loss_average"),
                 ({"model": "not a module"}, "model"),
             ),
             group_bad_values=(_BAD_LR, _BAD_BETAS, _BAD_DAMPING, _BAD_WEIGHT_DECAY,

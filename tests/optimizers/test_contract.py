@@ -7,6 +7,7 @@ feature only through ``OptimizerSpec.skips`` with the reason written there.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import re
 
@@ -16,7 +17,15 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from tests.optimizers.registry import REGISTRY, toy_model
-from tests.optimizers.training import batches, flat, loss_fn, state_tensors, take_step, toy_data
+from tests.optimizers.training import (
+    batches,
+    flat,
+    loss_fn,
+    over_specs,
+    state_tensors,
+    take_step,
+    toy_data,
+)
 
 SPECS = {spec.name: spec for spec in REGISTRY}
 
@@ -346,3 +355,55 @@ def test_compiled_model_trains_like_eager(spec):
         results.append((flat(model), sorted(str(k) for k in state_tensors(optimizer))))
     assert results[0][1] == results[1][1]  # the same statistics were recorded
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+
+
+def _accepts(spec, argument: str) -> bool:
+    import secondorder
+
+    return argument in inspect.signature(getattr(secondorder, spec.cls_name)).parameters
+
+
+def _one_step_delta(spec, model, x, y, **overrides) -> list[torch.Tensor]:
+    optimizer = spec.make(model, **overrides)
+    before = [p.detach().clone() for p in model.parameters()]
+    take_step(spec, optimizer, model, x, y)
+    return [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
+
+
+@over_specs(lambda spec: spec.family == "capture" and _accepts(spec, "graft"))
+def test_adam_cap_takes_the_shorter_of_the_own_and_the_adam_grafted_step(spec):
+    """``graft="adam_cap"`` (grafting.py): from the same state, every parameter's first step is
+    either the method's own (``"none"``) or, where that is longer, the Adam-grafted one
+    (``"adam"``, the own direction rescaled), never anything else. Loss scales and a small
+    absolute damping make both branches occur for every optimizer."""
+    long_own_step = {"damping": 1e-6}
+    if _accepts(spec, "damping_rule"):  # EK-FAC's default damping is relative, its power ½
+        long_own_step.update(damping_rule="absolute", power=1.0)
+    branches = set()
+    for loss_scale in (1e-3, 1.0, 1e3):
+        for extra in ({}, long_own_step):
+            x, y = toy_data(dtype=torch.float64)
+            deltas = {graft: _one_step_delta(spec, toy_model(dtype=torch.float64), x, y * loss_scale,
+                                             graft=graft, weight_decay=0.0, **extra)
+                      for graft in ("none", "adam", "adam_cap")}
+            for own, grafted, capped in zip(deltas["none"], deltas["adam"], deltas["adam_cap"],
+                                            strict=True):
+                if torch.allclose(capped, own, rtol=1e-9, atol=0):
+                    assert capped.norm() <= grafted.norm() * (1 + 1e-9)
+                    branches.add("own")
+                else:
+                    torch.testing.assert_close(capped, grafted, rtol=1e-9, atol=0)
+                    assert grafted.norm() < own.norm()
+                    branches.add("capped")
+    assert branches == {"own", "capped"}
+
+
+@over_specs(lambda spec: spec.family == "capture" and _accepts(spec, "loss_average"))
+def test_loss_average_is_the_same_for_a_loss_without_positions(spec):
+    """A model with one position per example: "batch" and "batch+sequence" are one reduction."""
+    x, y = toy_data(dtype=torch.float64)
+    steps = [torch.cat([d.flatten() for d in _one_step_delta(
+        spec, toy_model(dtype=torch.float64), x, y, loss_average=average)])
+        for average in ("batch", "batch+sequence")]
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
+    assert steps[0].abs().max() > 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from secondorder.precond.capture import loss_average_scale
 from secondorder.precond.linalg import all_finite as tensors_finite
 
 from .base import StructuredMatrix
@@ -76,14 +77,7 @@ def scaled_rows(
         g = output_grads.sum(1)
     else:
         raise ValueError(f"Invalid kfac_approx: {approx!r} (expected 'expand' or 'reduce')")
-    if loss_average == "batch":
-        g_scale = 1.0 / num_examples
-    elif loss_average == "batch+sequence":
-        g_scale = num_positions / num_examples**2
-    elif loss_average is None:
-        g_scale = 1.0
-    else:
-        raise ValueError(f"Invalid loss_average: {loss_average!r}")
+    g_scale = loss_average_scale(loss_average, num_examples, num_positions)
     return a / math.sqrt(a.shape[0]), g * math.sqrt(g_scale)
 
 
