@@ -169,6 +169,26 @@ class PreparedQuery:
             self.eigen = False
             self._finish(preconditioner.apply(per_example_gradients(rows)))
 
+    @classmethod
+    def stack(cls, parts: list[PreparedQuery]) -> PreparedQuery:
+        """One layer's query batches as one (queries concatenated in order), before any
+        scoring: a training batch is then contracted with every query in one product per
+        layer (one large matmul instead of one small one per query batch, and one query
+        decompression per layer and training batch)."""
+        if len(parts) == 1:
+            return parts[0]
+        if any(part.can_rotate and part.eigen is not None for part in parts):
+            raise ValueError("Invalid parts: stack prepared queries before scoring them")
+        merged = cls.__new__(cls)
+        merged.__dict__.update(parts[0].__dict__)
+        for field in ("matrices", "full", "left", "right"):
+            values = [getattr(part, field) for part in parts]
+            if values[0] is not None:
+                setattr(merged, field, torch.cat(values))
+        if merged.can_rotate:
+            merged.num_queries = sum(part.num_queries for part in parts)
+        return merged
+
     @staticmethod
     def _rows_first(positions: int, d_out: int, d_in: int) -> bool:
         """Rotating rows is cheaper than rotating the formed gradient matrix."""

@@ -157,12 +157,12 @@ def _score_chunks(
         missing = [name for name in recorder.names if name not in factors.layers]
         if missing:
             raise ValueError(f"Invalid factors: no factors for tracked modules {missing}")
-        prepared = []  # one dict per query batch, prepared once for the whole stream
+        batches = []  # one dict per query batch, prepared once for the whole stream
         for _, batch in iterate_batches(
             query_dataset, queries, query_batch_size, collate_fn, device=device
         ):
             measured = recorder.measurement_pass(batch)
-            prepared.append(
+            batches.append(
                 {
                     name: PreparedQuery(
                         preconditioners[name], rows, len(trains), low_rank, full_svd, generator
@@ -170,6 +170,12 @@ def _score_chunks(
                     for name, rows in measured.items()
                 }
             )
+        # every query of a layer in one operand: one product per layer and training batch
+        # (popping each layer's parts as it is stacked keeps the peak at one layer's copy)
+        prepared = {
+            name: PreparedQuery.stack([batch.pop(name) for batch in batches])
+            for name in list(batches[0])
+        }
         try:
             for start in todo:
                 chunk = trains[start : start + chunk_size]
@@ -178,15 +184,9 @@ def _score_chunks(
                     train_dataset, chunk, train_batch_size, collate_fn, device=device
                 ):
                     rows_by_layer = recorder.loss_pass(batch)
-                    block = torch.cat(
-                        [
-                            sum(
-                                query.scores(rows_by_layer[name], False)[0]
-                                for name, query in group.items()
-                            )
-                            for group in prepared
-                        ],
-                        dim=0,
+                    block = sum(
+                        query.scores(rows_by_layer[name], False)[0]
+                        for name, query in prepared.items()
                     )
                     columns.append(block.detach().to(device="cpu", dtype=torch.float32))
                     if bar is not None:

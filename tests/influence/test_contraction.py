@@ -101,3 +101,36 @@ def test_cost_choice_prefers_the_eigenbasis_for_single_position_layers():
         prepared.scores(trained["5"], False)
         # one training example: rotating its rows is cheaper than unprojecting 4 queries
         assert prepared.eigen
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_stacked_query_batches_score_as_their_concatenation(rank):
+    """Streaming stacks every query batch of a layer into one operand; the stacked scores are
+    the per-batch scores in order, and stacking an already scored batch is refused."""
+    model, train, query = _conv_problem()
+    task = influence.ClassificationTask()
+    factors = influence.fit_factors(model, task, train, strategy="ekfac", progress=False)
+    preconditioners = factors.preconditioners(1e-3)
+    x, y = query.tensors
+    with LayerRecorder(model, task) as recorder:
+        first = recorder.measurement_pass((x[:2], y[:2]))
+        second = recorder.measurement_pass((x[2:], y[2:]))
+        trained = recorder.loss_pass(train.tensors)
+        for name in first:
+
+            def prepare(rows, name=name):
+                generator = torch.Generator().manual_seed(0)
+                return PreparedQuery(
+                    preconditioners[name], rows, num_train=10, rank=rank, generator=generator
+                )
+
+            expected = torch.cat(
+                [prepare(first[name]).scores(trained[name], False)[0],
+                 prepare(second[name]).scores(trained[name], False)[0]]
+            )
+            stacked = PreparedQuery.stack([prepare(first[name]), prepare(second[name])])
+            torch.testing.assert_close(
+                stacked.scores(trained[name], False)[0], expected, rtol=1e-10, atol=1e-12
+            )
+            with pytest.raises(ValueError, match="before scoring"):
+                PreparedQuery.stack([stacked, prepare(second[name])])
