@@ -64,7 +64,9 @@ class Shampoo(SecondOrderOptimizer):
        == 0``: recompute roots (batched ``eigh`` over same-shape factors) from ``F_k/(1−β₂^t)``
        — this step's gradient included. Failure keeps the last good root, counts, warns.
     4. Eigenvalue-corrected mode: ``Λ ← β₂Λ + (1−β₂)(QᵀGQ)²`` with the current bases.
-    5. First moment ``M ← β₁M + (1−β₁)G``, ``Ĝ = M/(1−β₁^t)`` (``Ĝ = G`` when ``β₁ = 0``).
+    5. First moment ``M ← β₁M + (1−β₁)G``, ``Ĝ = M/(1−β₁^t)`` (``Ĝ = G`` when ``β₁ = 0``). SOAP
+       mode also keeps ``QᵀMQ`` (updated with step 4's ``QᵀGQ``, rebuilt from ``M`` when a basis
+       changes), so a plain step rotates once in and once out: 6 ``d³`` products, not 8.
     6. Direction: the graft's ``D_g(Ĝ)`` alone while ``t < start``; afterwards the Shampoo
        direction ``P_s``, rescaled per block to the graft's norm
        ``P = P_s·‖D_g(Ĝ)‖_F/(‖P_s‖_F + 1e-16)`` when grafting.
@@ -93,12 +95,10 @@ class Shampoo(SecondOrderOptimizer):
     Args:
         params: iterable of parameters or param-group dicts.
         lr: learning rate (≥ 0). With grafting the step has the graft's scale, so the lr you
-            would give that method (e.g. AdamW's) works as it is. The default 3e-3 (AdamW's is
-            1e-3) was chosen by ``benchmarks/defaults_race.py``: the whitened step tolerates
-            larger steps, and with lr ⅓/1/3 × 3e-3 both modes end at or below their result at
-            ⅓/1/3 × 1e-3 on the byte transformer, the digits CNN and MLP and the tiny HF models
-            of ``benchmarks/trainer_race.py`` (e.g. SOAP mode on the CNN 0.052 at 9e-3 vs 0.090 at
-            3e-3; on tiny GPT-2 under ``Trainer`` 2.56 vs 2.91).
+            would give that method (e.g. AdamW's) works as it is. Default 3e-3 (AdamW's is 1e-3),
+            chosen by ``benchmarks/defaults_race.py``: the whitened step tolerates larger steps;
+            at ⅓/1/3 × 3e-3 both modes end at or below their result at ⅓/1/3 × 1e-3 on every race
+            workload and under ``Trainer`` (e.g. SOAP mode on the CNN 0.052 at 9e-3 vs 0.090).
         betas: ``(β₁, β₂)``: gradient EMA (``[0, 1)``) and factor EMA (``[0, 1]``; 1 sums).
         epsilon: ε of the root (root mode, default 1e-12) or of the denominator (SOAP mode,
             default 1e-8). ``None`` picks the mode's default.
@@ -116,27 +116,21 @@ class Shampoo(SecondOrderOptimizer):
         dampening: momentum dampening ``d ∈ [0, 1)``.
         nesterov: Nesterov form of the momentum.
         precondition_frequency: ``f ≥ 1``, steps between root recomputations.
-        start_preconditioning_step: first step with a Shampoo direction (default ``f``, and
-            1 in the eigenvalue-corrected mode; root mode requires ``≥ f`` as
-            distributed_shampoo does, SOAP mode ``≥ 1``; ``math.inf`` never preconditions, which with
-            grafting is the graft method itself). SOAP mode computes its first bases at this
-            step, so ``Λ`` is accumulated in an eigenbasis from the start, as in SOAP
-            (Vyas et al. 2024). A later start carries ``Λ``, gathered in the identity basis,
-            into unrelated eigen-directions: entries that were zero (e.g. embedding rows not
-            yet seen) then sit under large eigenvalues with an ``ε``-sized denominator, and on
-            the race's transformer the first refresh blew the token embedding up 14-fold.
+        start_preconditioning_step: first step with a Shampoo direction (default ``f``; 1 in
+            SOAP mode; root mode requires ``≥ f`` as distributed_shampoo does; ``math.inf`` never
+            preconditions, which with grafting is the graft method itself). SOAP mode computes its
+            first bases here, so ``Λ`` is accumulated in an eigenbasis from the start (Vyas et al.
+            2024); a later start puts ``Λ`` entries gathered in the identity basis (e.g. zeros of
+            unseen embedding rows) under large eigenvalues: a 14× blow-up on the race's transformer.
         max_preconditioner_dim: largest factor dimension ``b`` (int ≥ 1 or ``math.inf``).
         grafting: ``"adam"`` (default), ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or ``"none"``.
         graft_beta2: second-moment EMA rate of the rmsprop/adam graft.
         graft_epsilon: ε of the graft's denominator.
         eigenvalue_correction: SOAP mode (Adam in the Kronecker eigenbasis). Grafting stays
-            ``"adam"`` by default, so AdamW's ``lr`` carries over: ungrafted, the eigenbasis
-            Adam step concentrates on the few eigen-directions with a consistent sign and its
-            RMS is 0.3-0.45× AdamW's (digits MLP, steps 10-60), so at AdamW's lr 1e-3 it ends
-            at 3.73 held-out on the byte transformer against AdamW's 2.64 and needs 3-10×
-            AdamW's lr; grafted, its best lr on the digits MLP and CNN is AdamW's own
-            (``benchmarks/defaults_race.py``; the README has the table). SOAP's paper form is
-            ``grafting="none"``.
+            ``"adam"`` so AdamW's ``lr`` carries over: ungrafted, the eigenbasis step's RMS is
+            0.3-0.45× AdamW's early on (digits MLP, steps 10-60), so it needs 3-10× AdamW's lr
+            (3.73 vs AdamW's 2.64 on the byte transformer at 1e-3); grafted, its best lr on the
+            digits MLP and CNN is AdamW's own. SOAP's paper form is ``grafting="none"``.
         inverse_exponent_override: ``{order: exponent}`` or ``{order: {dim: exponent}}``;
             exponent 0 disables the factor of that dim (a block whose exponents are all 0
             gets the identity direction, grafted, as in distributed_shampoo). SOAP mode:
@@ -298,7 +292,8 @@ class Shampoo(SecondOrderOptimizer):
         shapes = self._layout(param, group).shapes
         for key, block in blocks.items():
             index = int(key.rsplit("_", 1)[1])
-            buffers = [v for name, v in block.items() if name in ("exp_avg", "graft_sq", "momentum_buffer")]
+            buffers = [v for name, v in block.items()
+                       if name in ("exp_avg", "graft_sq", "momentum_buffer", "rotated_average")]
             if index >= len(shapes) or any(tuple(v.shape) != tuple(shapes[index]) for v in buffers):
                 raise ValueError(f"Invalid state_dict: Shampoo state {key!r} does not fit a parameter of "
                                  f"shape {tuple(param.shape)} (blocks {list(shapes)})")
@@ -363,15 +358,15 @@ class Shampoo(SecondOrderOptimizer):
 
     def _block_costs(self, param: Tensor, group: dict[str, Any]) -> list[tuple[float, float]]:
         """Per block of ``param``: its amortised cost ``Σ d³ + 4d² + 3n`` and its state elements
-        (factors and roots or bases per dim, plus the moments, Λ too in SOAP mode; 1-D blocks
-        keep only the moments)."""
+        (factors and roots or bases per dim, plus the moments, Λ and the rotated first moment too
+        in SOAP mode; 1-D blocks keep only the moments)."""
         kronecker = param.dim() > 1 or group["precondition_1d"]
         result = []
         for shape in self._layout(param, group).shapes:
             numel = math.prod(shape)
             result.append((sum(d**3 + 4 * d * d for d in shape) + 3 * numel,
                            (sum(2 * d * d for d in shape) if kronecker else 0)
-                           + (3 if kronecker and group["eigenvalue_correction"] else 2) * numel))
+                           + (4 if kronecker and group["eigenvalue_correction"] else 2) * numel))
         return result
 
     # -- the step ---------------------------------------------------------------------------
@@ -447,6 +442,8 @@ class Shampoo(SecondOrderOptimizer):
             block_state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=block.device)
             if group["betas"][0] > 0:
                 block_state["exp_avg"] = zeros()
+                if strategy is not None and strategy.eigenvalue_corrected:
+                    block_state["rotated_average"] = torch.zeros_like(block_state["corrected"])
             kind = self._diagonal_kind(group)
             if needs_second_moment(kind):
                 block_state["graft_sq"] = zeros()
@@ -491,12 +488,16 @@ class Shampoo(SecondOrderOptimizer):
             self._warn_skipped(states)
         elif keep.device.type == "cpu" and self._warn_at_once_on_cpu:  # no device to wait for: warn now
             self._warn_skipped(states)
+        refreshed = set()
         for step, indices in due.items():
-            items = [(strategies[i], states[i]) for i in indices if kept_now[i]]
-            compute_inverses(items, step, initial=step == start)
-        for strategy, state, grad, kept in zip(strategies, states, grads, keeps):
+            refreshed.update(i for i in indices if kept_now[i])
+            compute_inverses([(strategies[i], states[i]) for i in indices if kept_now[i]], step, initial=step == start)
+        rotated = {}  # SOAP blocks: the direction's numerator, Q^T M Q, already in the eigenbasis (step 5)
+        for index, (strategy, state, grad, kept) in enumerate(zip(strategies, states, grads, keeps)):
             if strategy is not None and strategy.eigenvalue_corrected:
-                strategy.update_correction(state, grad, keep=kept)
+                if beta1 > 0 and (index in refreshed or "rotated_average" not in state):
+                    strategy.rotate_average(state, state["exp_avg"])
+                rotated[index] = strategy.update_correction(state, grad, keep=kept)
         filtered = grads
         if beta1 > 0:
             averages = [state["exp_avg"] for state in states]
@@ -504,6 +505,11 @@ class Shampoo(SecondOrderOptimizer):
             torch._foreach_lerp_(averages, grads, list(weights_beta1.unbind()))
             corrections = [bias_correction(beta1, step) if group["use_bias_correction"] else 1.0 for step in steps]
             filtered = torch._foreach_div(averages, corrections)
+            if rotated:
+                moments = [states[i]["rotated_average"] for i in rotated]
+                weights = keep_where(keep, 1 - beta1, 0.0, moments[0].dtype).unbind()
+                torch._foreach_lerp_(moments, list(rotated.values()), [weights[i] for i in rotated])
+                rotated = dict(zip(rotated, torch._foreach_div(moments, [corrections[i] for i in rotated])))
         needs_graft = [strategy is None or group["grafting"] != "none" or step < start
                        for strategy, step in zip(strategies, steps)]
         graft_indices = [i for i, needed in enumerate(needs_graft) if needed]
@@ -512,8 +518,8 @@ class Shampoo(SecondOrderOptimizer):
             [filtered[i] for i in graft_indices], steps=[steps[i] for i in graft_indices], beta2=graft_beta2,
             epsilon=group["graft_epsilon"])
         graft_of = dict(zip(graft_indices, grafts))
-        directions = [self._direction(group, strategies[i], states[i], steps[i], filtered[i], graft_of.get(i), start)
-                      for i in range(len(blocks))]
+        directions = [self._direction(group, strategies[i], states[i], steps[i], filtered[i], graft_of.get(i), start,
+                                      rotated.get(i)) for i in range(len(blocks))]
         if group["weight_decay_type"] == "decoupled_before_momentum" and group["weight_decay"] != 0:
             decayed = [weight.to(direction.dtype) for weight, direction in zip(weights, directions)]
             torch._foreach_add_(directions, decayed, alpha=group["weight_decay"])
@@ -564,15 +570,19 @@ class Shampoo(SecondOrderOptimizer):
         return prepared
 
     @staticmethod
-    def _direction(group, strategy, state, step, filtered, graft, start) -> Tensor:
-        """Step 6: graft alone before ``start``, else the (grafted) Shampoo direction."""
+    def _direction(group, strategy, state, step, filtered, graft, start, rotated=None) -> Tensor:
+        """Step 6: graft alone before ``start``, else the (grafted) Shampoo direction (SOAP blocks:
+        from ``rotated``, the filtered gradient already in the eigenbasis)."""
         if strategy is None:
             return graft
         if step < start:
             if group["grafting"] != "none":
                 return graft
             return strategy.precondition(state, filtered, step) if strategy.eigenvalue_corrected else filtered.clone()
-        shampoo = strategy.precondition(state, filtered, step)
+        if rotated is not None:
+            shampoo = strategy.precondition_rotated(state, rotated, step, filtered.dtype)
+        else:
+            shampoo = strategy.precondition(state, filtered, step)
         if group["grafting"] == "none":
             return shampoo
         return shampoo.mul_(torch.linalg.vector_norm(graft) / (torch.linalg.vector_norm(shampoo) + 1e-16))

@@ -25,6 +25,8 @@ key            shape                  meaning
 ``root_k``     ``(d_k, d_k)``         ``R_k`` (root-inverse mode), identity at first
 ``basis_k``    ``(d_k, d_k)``         ``Q_k`` (eigenvalue-corrected mode), identity at first
 ``corrected``  block shape            ``Λ`` (eigenvalue-corrected mode)
+``rotated_``   block shape            the optimizer's first moment in the eigenbasis,
+``average``                           ``Qᵀ m Q`` (EC mode with β₁ > 0, kept by Shampoo)
 ``failed``     ``()`` int64           amortised computations that failed (root kept)
 ============== ===================== ==============================================
 """
@@ -38,7 +40,11 @@ import torch
 from torch import Tensor
 
 from secondorder.precond.base import BlockState
-from secondorder.precond.eigen_corrected import precondition_in_eigenbasis, project_to_eigenbasis
+from secondorder.precond.eigen_corrected import (
+    precondition_in_eigenbasis,
+    project_from_eigenbasis,
+    project_to_eigenbasis,
+)
 from secondorder.precond.linalg import (
     EigenFailure,
     NumericalWarning,
@@ -236,10 +242,12 @@ class KroneckerFactors:
         new_root = inverse_root_from_eigh(values, vectors, exponent, check_finite=False)
         root.copy_(pack_upper(new_root) if self.packed else new_root)
 
-    def update_correction(self, state: BlockState, grad: Tensor, keep: Tensor | None = None) -> None:
+    def update_correction(self, state: BlockState, grad: Tensor, keep: Tensor | None = None) -> Tensor:
         """Eigenvalue-corrected mode: ``Λ ← β₂Λ + w (Qᵀ G)²`` with the current bases.
 
         ``keep``: as in :meth:`update_stats` (False leaves ``Λ`` unchanged, ``grad`` zeros).
+        Returns the rotated gradient ``Qᵀ G`` (``factor_dtype``), so that a first moment kept
+        in the eigenbasis (:meth:`rotate_average`) needs no rotation of its own.
         """
         rotated = project_to_eigenbasis(grad.to(self.factor_dtype), self._bases(state))
         weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
@@ -249,6 +257,26 @@ class KroneckerFactors:
         elif self.beta2 != 1.0:
             corrected.mul_(self.beta2)
         corrected.addcmul_(rotated, rotated, value=weight)
+        return rotated
+
+    def rotate_average(self, state: BlockState, average: Tensor) -> None:
+        """Set ``rotated_average = Qᵀ m Q`` from the first moment ``m`` (after a basis change).
+
+        Between refreshes the bases are fixed, so the optimizer can then update the rotated
+        copy with the rotated gradient of :meth:`update_correction`
+        (``Qᵀ m_t Q = β₁ Qᵀ m_{t−1} Q + (1 − β₁) Qᵀ G_t Q``, linear): the per-step rotation of
+        ``m`` — two of the eight ``d³`` products of a SOAP step — is paid only at refreshes.
+        """
+        rotated = project_to_eigenbasis(average.to(self.factor_dtype), self._bases(state))
+        if "rotated_average" in state:
+            state["rotated_average"].copy_(rotated)
+        else:
+            state["rotated_average"] = rotated
+
+    def precondition_rotated(self, state: BlockState, rotated: Tensor, step: int, dtype: torch.dtype) -> Tensor:
+        """``Q (rotated / (sqrt(Λ/c₂) + ε))`` in ``dtype``: the EC direction of a numerator that is
+        already in the eigenbasis (block shape, ``factor_dtype``)."""
+        return project_from_eigenbasis(rotated / self._denominator(state, step), self._bases(state)).to(dtype)
 
     def precondition(self, state: BlockState, grad: Tensor, step: int) -> Tensor:
         """``R_0 G R_1`` (root mode) or ``Q((QᵀG) / (sqrt(Λ/c₂) + ε))`` (EC mode); dtype kept."""

@@ -421,3 +421,64 @@ def test_soap_mode_first_basis_refresh_keeps_step_size_with_unseen_rows():
     assert default[4] < 1.5 * default[3], default
     late = update_norms(start_preconditioning_step=5)  # the trap the default avoids
     assert late[4] > 2.5 * late[3], late
+
+
+@pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_soap_first_moment_kept_in_eigenbasis_equals_rotating_it_every_step(refresh_method, beta1):
+    """SOAP mode keeps ``Qᵀ m Q`` and rotates only the gradient each step (re-rotating ``m`` at
+    basis refreshes); the directions equal rotating the bias-corrected ``m`` every step, which
+    is computed here from the optimizer's own bases and ``Λ`` before each step."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(40, 30, dtype=torch.float64))
+    # ε = 1e-4: the first steps' statistics are rank-deficient, and with ε = 1e-8 the rounding
+    # noise of near-zero rotated coordinates is amplified 1e8-fold in both computations
+    optimizer = Shampoo([weight], lr=1.0, betas=(beta1, 0.95), epsilon=1e-4, eigenvalue_correction=True,
+                        grafting="none", precondition_frequency=3, refresh_method=refresh_method,
+                        factor_dtype=torch.float64)
+    # the same configuration; 40 × 30 > max_preconditioner_dim, so the dims are not merged
+    strategy = optimizer._strategy((40, 30), weight, optimizer.param_groups[0])
+    reference_state = strategy.init_state(weight.detach())
+    average = torch.zeros(40, 30, dtype=torch.float64)
+    for step in range(1, 11):
+        grad = torch.randn(40, 30, dtype=torch.float64)
+        strategy.update_stats(reference_state, grad, step)
+        if step == 1 or step % 3 == 0:
+            kronecker.compute_inverses([(strategy, reference_state)], step, initial=step == 1)
+        strategy.update_correction(reference_state, grad)
+        average = average * beta1 + (1 - beta1) * grad
+        numerator = average / (1 - beta1**step) if beta1 > 0 else grad
+        expected = strategy.precondition(reference_state, numerator, step)
+        before = weight.detach().clone()
+        weight.grad = grad
+        optimizer.step()
+        torch.testing.assert_close(before - weight.detach(), expected, rtol=1e-9, atol=1e-9,  # O(1) entries
+                                   msg=lambda m, step=step: f"step {step}: {m}")
+    block = next(value for key, value in optimizer.state[weight].items() if "block_" in key)
+    assert ("rotated_average" in block) == (beta1 > 0)
+
+
+def test_soap_state_without_the_rotated_first_moment_resumes_exactly():
+    """A checkpoint from before the rotated first moment existed (no ``rotated_average``) resumes
+    on the same trajectory: the rotated copy is rebuilt from ``m`` at the first step."""
+    torch.manual_seed(0)
+    grads = [torch.randn(40, 30, dtype=torch.float64) for _ in range(12)]
+
+    def run(drop_after: int | None) -> torch.Tensor:
+        weight = nn.Parameter(torch.ones(40, 30, dtype=torch.float64))
+        make = lambda: Shampoo([weight], lr=0.1, eigenvalue_correction=True, precondition_frequency=5,  # noqa: E731
+                               factor_dtype=torch.float64)
+        optimizer = make()
+        for step, grad in enumerate(grads):
+            if step == drop_after:
+                saved = optimizer.state_dict()
+                for block in saved["state"][0].values():
+                    if isinstance(block, dict):
+                        block.pop("rotated_average", None)
+                optimizer = make()
+                optimizer.load_state_dict(saved)
+            weight.grad = grad
+            optimizer.step()
+        return weight.detach()
+
+    torch.testing.assert_close(run(7), run(None), rtol=1e-12, atol=1e-14)
