@@ -69,7 +69,7 @@ class Shampoo(SecondOrderOptimizer):
        changes), so a plain step rotates once in and once out: 6 ``d³`` products, not 8.
     6. Direction: the graft's ``D_g(Ĝ)`` alone while ``t < start``; afterwards the Shampoo
        direction ``P_s``, rescaled per block to the graft's norm
-       ``P = P_s·‖D_g(Ĝ)‖_F/(‖P_s‖_F + 1e-16)`` when grafting.
+       ``P = s·P_s·‖D_g(Ĝ)‖_F/(‖P_s‖_F + 1e-16)`` when grafting (``s = graft_scale``).
     7. Momentum after preconditioning (``B ← μB + (1−d)P``; Nesterov ``P ← (1−d)P + μB``).
     8. ``W ← W·(1 − lr·wd)`` for decoupled decay (torch AdamW's order), then ``W ← W − lr·P``.
 
@@ -80,17 +80,13 @@ class Shampoo(SecondOrderOptimizer):
     operation order); grafting norms are matched per block, not per parameter; statistics
     accumulate from step 1, also before preconditioning starts.
 
-    Differences from distributed_shampoo, chosen for users: 1-D parameters (biases, norm
-    gains) get the graft's diagonal method instead of a full ``d × d`` factor unless
-    ``precondition_1d=True`` (merged small matrices are still preconditioned); optimizer
-    state of bf16 parameters is float32; decoupled decay is applied as AdamW does, outside
-    momentum (``weight_decay_type="decoupled_before_momentum"`` is distributed_shampoo's
-    form); nothing is written to disk on failure; a block whose gradient is not finite is
-    skipped for that step (its statistics, moments, momentum and weight unchanged except for
-    AdamW-style decay, counted) instead of poisoning its factors. The screen runs on the
-    device and masks the updates, so plain steps never wait for the device; the warning (at
-    once on CPU, where reading the screen costs no sync) and keeping a skipped block's root or
-    basis happen at the next refresh step.
+    Differences from distributed_shampoo, chosen for users: 1-D parameters get the graft's
+    diagonal method unless ``precondition_1d=True``; state of bf16 parameters is float32;
+    decoupled decay is AdamW's, outside momentum (``"decoupled_before_momentum"`` is theirs);
+    a block whose gradient is not finite is skipped for that step (state and weight unchanged
+    but for AdamW-style decay; counted) instead of poisoning its factors: screened and masked
+    on the device, so plain steps never wait for it; the warning comes at once on CPU, else at
+    the next refresh step.
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -98,7 +94,8 @@ class Shampoo(SecondOrderOptimizer):
             would give that method (e.g. AdamW's) works as it is. Default 3e-3 (AdamW's is 1e-3),
             chosen by ``benchmarks/defaults_race.py``: the whitened step tolerates larger steps;
             at ⅓/1/3 × 3e-3 both modes end at or below their result at ⅓/1/3 × 1e-3 on every race
-            workload and under ``Trainer`` (e.g. SOAP mode on the CNN 0.052 at 9e-3 vs 0.090).
+            workload and under ``Trainer`` (e.g. SOAP mode, then at ``graft_scale=1``, on the CNN
+            0.052 at 9e-3 vs 0.090).
         betas: ``(β₁, β₂)``: gradient EMA (``[0, 1)``) and factor EMA (``[0, 1]``; 1 sums).
         epsilon: ε of the root (root mode, default 1e-12) or of the denominator (SOAP mode,
             default 1e-8). ``None`` picks the mode's default.
@@ -126,11 +123,14 @@ class Shampoo(SecondOrderOptimizer):
         grafting: ``"adam"`` (default), ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or ``"none"``.
         graft_beta2: second-moment EMA rate of the rmsprop/adam graft.
         graft_epsilon: ε of the graft's denominator.
+        graft_scale: with grafting, each block steps ``graft_scale`` × the graft's norm (its own
+            direction on diagonal-only blocks). ``None``: 3 in grafted SOAP mode, else 1, so AdamW's
+            best lr carries over: at 1× SOAP mode's best lr was 3× AdamW's on the byte transformers,
+            the digits CNN and tiny HF models under ``Trainer`` (1× on the digits MLP).
         eigenvalue_correction: SOAP mode (Adam in the Kronecker eigenbasis). Grafting stays
             ``"adam"`` so AdamW's ``lr`` carries over: ungrafted, the eigenbasis step's RMS is
-            0.3-0.45× AdamW's early on (digits MLP, steps 10-60), so it needs 3-10× AdamW's lr
-            (3.73 vs AdamW's 2.64 on the byte transformer at 1e-3); grafted, its best lr on the
-            digits MLP and CNN is AdamW's own. SOAP's paper form is ``grafting="none"``.
+            0.3-0.45× AdamW's early on (digits MLP), so it needs 3-10× AdamW's lr (3.73 vs 2.64 on
+            the byte transformer at 1e-3). SOAP's paper form is ``grafting="none"``.
         inverse_exponent_override: ``{order: exponent}`` or ``{order: {dim: exponent}}``;
             exponent 0 disables the factor of that dim (a block whose exponents are all 0
             gets the identity direction, grafted, as in distributed_shampoo). SOAP mode:
@@ -149,10 +149,9 @@ class Shampoo(SecondOrderOptimizer):
             step warm-started from the previous basis with ``Λ`` permuted along (Vyas et al.
             2024; the first basis is always an ``eigh``), or ``"eigh"``. On the race's quick
             workloads QR matched eigh's loss at equal frequency for less time per refresh.
-        packed_factors: store each factor (and root) as its upper triangle, ``d(d+1)/2``
-            numbers instead of ``d²``, when memory matters more than time: every step then
-            unpacks the roots and every update the factor's product (distributed_shampoo's
-            ``use_symmetric_packing``; about 25–30% slower steps there). Same results.
+        packed_factors: store each factor (and root) as its upper triangle (``d(d+1)/2``
+            numbers) when memory matters more than time; same results, slower steps
+            (distributed_shampoo's ``use_symmetric_packing``, about 25–30% slower there).
         distributor: ``None`` (one process), ``True`` (every rank of the default process
             group owns a cost-balanced share of the blocks, and one all-gather per step
             shares the updates; use under ``torchrun`` with a DDP model), a
@@ -196,6 +195,7 @@ class Shampoo(SecondOrderOptimizer):
         grafting: str | None = None,
         graft_beta2: float = 0.999,
         graft_epsilon: float = 1e-8,
+        graft_scale: float | None = None,
         eigenvalue_correction: bool = False,
         inverse_exponent_override: dict[int, Any] | None = None,
         precondition_1d: bool = False,
@@ -227,6 +227,8 @@ class Shampoo(SecondOrderOptimizer):
             start_preconditioning_step=start_preconditioning_step,
             max_preconditioner_dim=max_preconditioner_dim, grafting=grafting,
             graft_beta2=graft_beta2, graft_epsilon=graft_epsilon,
+            graft_scale=(3.0 if eigenvalue_correction and grafting != "none" else 1.0) if graft_scale is None
+            else graft_scale,
             eigenvalue_correction=eigenvalue_correction,
             inverse_exponent_override=inverse_exponent_override, precondition_1d=precondition_1d,
             use_bias_correction=use_bias_correction, factor_dtype=factor_dtype,
@@ -278,6 +280,7 @@ class Shampoo(SecondOrderOptimizer):
         check_choice("grafting", group["grafting"], GRAFTING_KINDS)
         check_real("graft_beta2", group["graft_beta2"], low=0.0, high=1.0)
         check_real("graft_epsilon", group["graft_epsilon"], low=0.0, low_inclusive=False)
+        check_real("graft_scale", group.setdefault("graft_scale", 1.0), low=0.0, low_inclusive=False)
         check_choice("factor_dtype", group["factor_dtype"], _FACTOR_DTYPES)
         check_choice("refresh_method", group["refresh_method"], ("eigh", "qr") if soap else ("eigh", "newton"))
         check_exponent_override(group["inverse_exponent_override"], soap)
@@ -573,19 +576,19 @@ class Shampoo(SecondOrderOptimizer):
     def _direction(group, strategy, state, step, filtered, graft, start, rotated=None) -> Tensor:
         """Step 6: graft alone before ``start``, else the (grafted) Shampoo direction (SOAP blocks:
         from ``rotated``, the filtered gradient already in the eigenbasis)."""
-        if strategy is None:
-            return graft
+        grafted = group["grafting"] != "none"
+        if strategy is None or (step < start and grafted):
+            return graft.mul_(group["graft_scale"]) if grafted and group["graft_scale"] != 1.0 else graft
         if step < start:
-            if group["grafting"] != "none":
-                return graft
             return strategy.precondition(state, filtered, step) if strategy.eigenvalue_corrected else filtered.clone()
         if rotated is not None:
             shampoo = strategy.precondition_rotated(state, rotated, step, filtered.dtype)
         else:
             shampoo = strategy.precondition(state, filtered, step)
-        if group["grafting"] == "none":
+        if not grafted:
             return shampoo
-        return shampoo.mul_(torch.linalg.vector_norm(graft) / (torch.linalg.vector_norm(shampoo) + 1e-16))
+        scale = group["graft_scale"] * torch.linalg.vector_norm(graft)
+        return shampoo.mul_(scale / (torch.linalg.vector_norm(shampoo) + 1e-16))
 
     def _apply(self, updates: list[Tensor | None], targets: list) -> None:
         """Step 8 on every rank: decoupled decay, then ``W ← W − lr·P`` for each block."""

@@ -72,8 +72,9 @@ def test_never_preconditioning_equals_torch_optim(case):
 
 def test_eigenvalue_corrected_before_first_basis_is_adam():
     # Q = I until the first amortised step: Adam with ε outside the root.
+    # (graft_scale=1: SOAP mode's default 3 would make it Adam at 3× the lr)
     ours, _ = train(lambda p: Shampoo(p, lr=1e-2, betas=(0.9, 0.999), epsilon=1e-8, eigenvalue_correction=True,
-                                      start_preconditioning_step=NEVER, precondition_1d=True))
+                                      start_preconditioning_step=NEVER, precondition_1d=True, graft_scale=1.0))
     reference, _ = train(lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-8))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
 
@@ -363,9 +364,10 @@ def test_soap_mode_trains_and_defaults_to_adam_grafting():
 
 
 def test_soap_mode_step_has_adams_norm_so_adamw_lr_carries_over():
-    """Default SOAP mode: each step's norm is torch Adam's on the same gradients (one block),
-    while the direction is SOAP's. Ungrafted, the step is a fraction of Adam's (the eigenbasis
-    concentrates the signal in few coordinates), which is why AdamW's lr did not carry over."""
+    """Default SOAP mode: each step's norm is ``graft_scale`` (3) × torch Adam's on the same
+    gradients (one block), while the direction is SOAP's. Ungrafted, the step is a fraction of
+    Adam's (the eigenbasis concentrates the signal in few coordinates), which is why AdamW's lr
+    did not carry over."""
     torch.manual_seed(3)
     grads = [torch.randn(8, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) for _ in range(12)]
 
@@ -384,7 +386,7 @@ def test_soap_mode_step_has_adams_norm_so_adamw_lr_carries_over():
     soap = step_norms(lambda p: Shampoo(p, lr=1e-2, eigenvalue_correction=True, precondition_frequency=3))
     paper = step_norms(lambda p: Shampoo(p, lr=1e-2, eigenvalue_correction=True, precondition_frequency=3,
                                          grafting="none"))
-    torch.testing.assert_close(soap, adam, rtol=1e-10, atol=0)
+    torch.testing.assert_close(soap, 3 * adam, rtol=1e-10, atol=0)
     assert paper[3:].sum() < 0.9 * adam[3:].sum(), (paper / adam).tolist()
 
 
@@ -482,3 +484,31 @@ def test_soap_state_without_the_rotated_first_moment_resumes_exactly():
         return weight.detach()
 
     torch.testing.assert_close(run(7), run(None), rtol=1e-12, atol=1e-14)
+
+
+def test_graft_scale_multiplies_every_grafted_step_and_defaults_by_mode():
+    """``graft_scale`` s: each block's step is s × the graft's norm (Kronecker blocks) or s × the
+    graft's direction (diagonal-only blocks); None gives 3 in grafted SOAP mode, else 1."""
+    assert Shampoo([nn.Parameter(torch.ones(3, 3))]).param_groups[0]["graft_scale"] == 1.0
+    soap = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True)
+    assert soap.param_groups[0]["graft_scale"] == 3.0
+    paper = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True, grafting="none")
+    assert paper.param_groups[0]["graft_scale"] == 1.0
+    with pytest.raises(ValueError, match="graft_scale"):
+        Shampoo([nn.Parameter(torch.ones(3, 3))], graft_scale=0.0)
+
+    def steps(scale: float, mode: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(40, 30, dtype=torch.float64)),
+                  nn.Parameter(torch.randn(30, dtype=torch.float64))]
+        optimizer = Shampoo(params, lr=1e-2, eigenvalue_correction=mode, precondition_frequency=2,
+                            factor_dtype=torch.float64, graft_scale=scale)
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        return [b - p.detach() for b, p in zip(before, params)]
+
+    for mode in (False, True):
+        for one, three in zip(steps(1.0, mode), steps(3.0, mode)):
+            torch.testing.assert_close(three, 3 * one, rtol=1e-12, atol=1e-15)
