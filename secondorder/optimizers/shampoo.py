@@ -73,12 +73,11 @@ class Shampoo(SecondOrderOptimizer):
     7. Momentum after preconditioning (``B ← μB + (1−d)P``; Nesterov ``P ← (1−d)P + μB``).
     8. ``W ← W·(1 − lr·wd)`` for decoupled decay (torch AdamW's order), then ``W ← W − lr·P``.
 
-    Conventions (with ``relative_epsilon=0`` these match distributed_shampoo's classic
-    configuration, as tested against a dense oracle of it): ε goes inside the
-    root with shift-to-ε for non-PSD factors; bias correction divides factors at root time
-    only; the Adam graft is always bias-corrected (``√V/√(1−β_g^t) + ε_g``, torch Adam's
-    operation order); grafting norms are matched per block, not per parameter; statistics
-    accumulate from step 1, also before preconditioning starts.
+    Conventions (with ``relative_epsilon=0`` distributed_shampoo's classic configuration, tested
+    against a dense oracle of it): ε inside the root with shift-to-ε for non-PSD factors; bias
+    correction divides factors at root time only; the Adam graft is always bias-corrected
+    (torch Adam's operation order); grafting norms are per block; statistics accumulate from
+    step 1, also before preconditioning starts.
 
     Differences from distributed_shampoo, chosen for users: 1-D parameters get the graft's
     diagonal method unless ``precondition_1d=True``; state of bf16 parameters is float32;
@@ -161,11 +160,10 @@ class Shampoo(SecondOrderOptimizer):
             parameters are preconditioned (see "FSDP2" below); ignored without DTensor
             parameters.
 
-    FSDP2 (``fully_shard``) parameters: ``"lossless"`` preconditions each whole parameter on
-    one owner rank, equal to single-process / DDP Shampoo, state resharding to any world size;
-    ``"local_shard"`` preconditions each rank's shard alone, no communication (Shampoo with
-    parameters also split at the shard boundaries; checkpoints resume at the same boundaries
-    only). Details: :mod:`secondorder.distributed.fsdp_shampoo`.
+    FSDP2 (``fully_shard``): ``"lossless"`` preconditions each whole parameter on one owner rank
+    (equal to single-process Shampoo, state reshards to any world size); ``"local_shard"`` each
+    rank's shard alone (no communication; resumes at the same boundaries only). See
+    :mod:`secondorder.distributed.fsdp_shampoo`.
 
     Example::
 
