@@ -561,7 +561,7 @@ class Shampoo(SecondOrderOptimizer):
             if group["weight_decay_type"] == "l2" and group["weight_decay"] != 0:
                 grad = grad.add(weight.to(work_dtype), alpha=group["weight_decay"])
             work.append(grad)
-        cleaned, keep = finite_or_zero(work)
+        cleaned, keep = finite_or_zero(work, read_on_cpu=self._warn_at_once_on_cpu)
         prepared = []
         for (global_block, param, key, step, grad, weight), clean, kept in zip(jobs, cleaned, keep.unbind()):
             strategy = self._strategy(tuple(grad.shape), param, group)

@@ -430,12 +430,14 @@ def unpack_upper(packed: Tensor) -> Tensor:
     return packed[square].reshape(n, n)
 
 
-def finite_or_zero(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+def finite_or_zero(tensors: Sequence[Tensor], *, read_on_cpu: bool = False) -> tuple[list[Tensor], Tensor]:
     """Sync-free screen for non-finite blocks: ``(cleaned, keep)``.
 
     ``keep`` is a bool tensor ``(len(tensors),)`` on the tensors' device, True where every
-    entry of that tensor is finite (one fused max-|x| per tensor: NaN and ±inf propagate);
-    ``cleaned[i]`` is ``tensors[i]``, or zeros where ``keep[i]`` is False. Nothing is read back
+    entry of that tensor is finite (one fused max-|x| per tensor on accelerators, one aminmax
+    on CPU: NaN and ±inf propagate); ``cleaned[i]`` is a copy of ``tensors[i]``, or zeros where
+    ``keep[i]`` is False. ``read_on_cpu``: on CPU, read ``keep`` back and return the tensors
+    themselves when all are finite (no copies; the read is free there). Nothing is read back
     to the host, so the caller skips state updates by masking (``keep`` arguments of
     :meth:`~secondorder.precond.kronecker.KroneckerFactors.update_stats`,
     :func:`~secondorder.precond.diagonal.update_second_moments`) instead of branching.
@@ -443,7 +445,16 @@ def finite_or_zero(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
     """
     if not tensors:
         return [], torch.zeros(0, dtype=torch.bool)
-    keep = torch.isfinite(torch.stack(torch._foreach_norm(list(tensors), ord=math.inf)))
+    tensors = list(tensors)
+    if tensors[0].device.type == "cpu":
+        # One aminmax pass per tensor: torch's foreach inf-norm is ~20x slower on CPU (3.5 vs
+        # 0.18 ms for a 1.3M-parameter MLP's gradients); NaN and ±inf reach min or max.
+        bounds = [torch.stack(torch.aminmax(t)) if t.numel() else t.new_zeros(2) for t in tensors]
+        keep = torch.isfinite(torch.stack(bounds)).all(dim=1)
+        if read_on_cpu and bool(keep.all()):  # a CPU read costs no device sync: skip the copies
+            return tensors, keep
+    else:
+        keep = torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf)))
     return [torch.where(keep[i], tensor, 0) for i, tensor in enumerate(tensors)], keep
 
 

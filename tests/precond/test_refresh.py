@@ -203,6 +203,14 @@ def test_finite_or_zero_flags_and_cleans_without_touching_finite_tensors():
     assert keep.tolist() == [True, False, False]
     assert cleaned[0] is not None and torch.equal(cleaned[0], good)
     assert torch.equal(cleaned[1], torch.zeros(4)) and torch.equal(cleaned[2], torch.zeros(2, 2))
+    plus_inf, empty = torch.randn(5), torch.empty(0)
+    plus_inf[4] = float("inf")
+    assert finite_or_zero([plus_inf, empty, good.bfloat16()])[1].tolist() == [False, True, True]
+    # read_on_cpu: all finite -> the tensors themselves (no copies); otherwise as without it
+    same, keep = finite_or_zero([good, empty], read_on_cpu=True)
+    assert keep.tolist() == [True, True] and same[0] is good
+    cleaned, keep = finite_or_zero([good, nan], read_on_cpu=True)
+    assert keep.tolist() == [True, False] and cleaned[0] is not good and torch.equal(cleaned[1], torch.zeros(4))
 
 
 @pytest.mark.parametrize("corrected,beta2,shape", [(False, 0.99, (5, 4)), (False, 1.0, (5, 4)), (True, 0.95, (5, 4)),
