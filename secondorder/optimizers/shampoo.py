@@ -443,8 +443,6 @@ class Shampoo(SecondOrderOptimizer):
             block_state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=block.device)
             if group["betas"][0] > 0:
                 block_state["exp_avg"] = zeros()
-                if strategy is not None and strategy.eigenvalue_corrected:
-                    block_state["rotated_average"] = torch.zeros_like(block_state["corrected"])
             kind = self._diagonal_kind(group)
             if needs_second_moment(kind):
                 block_state["graft_sq"] = zeros()
@@ -493,7 +491,9 @@ class Shampoo(SecondOrderOptimizer):
         for step, indices in due.items():
             refreshed.update(i for i in indices if kept_now[i])
             compute_inverses([(strategies[i], states[i]) for i in indices if kept_now[i]], step, initial=step == start)
-        rotated = {}  # SOAP blocks: the direction's numerator, Q^T M Q, already in the eigenbasis (step 5)
+        # SOAP blocks: the direction's numerator, Q^T M Q, already in the eigenbasis (step 5); built
+        # from M at a block's first step and whenever its basis changed
+        rotated = {}
         for index, (strategy, state, grad, kept) in enumerate(zip(strategies, states, grads, keeps)):
             if strategy is not None and strategy.eigenvalue_corrected:
                 if beta1 > 0 and (index in refreshed or "rotated_average" not in state):
@@ -508,7 +508,7 @@ class Shampoo(SecondOrderOptimizer):
             filtered = torch._foreach_div(averages, corrections)
             if rotated:
                 moments = [states[i]["rotated_average"] for i in rotated]
-                weights = keep_where(keep, 1 - beta1, 0.0, moments[0].dtype).unbind()
+                weights = weights_beta1.to(moments[0].dtype).unbind()
                 torch._foreach_lerp_(moments, list(rotated.values()), [weights[i] for i in rotated])
                 rotated = dict(zip(rotated, torch._foreach_div(moments, [corrections[i] for i in rotated])))
         needs_graft = [strategy is None or group["grafting"] != "none" or step < start

@@ -267,11 +267,8 @@ class KroneckerFactors:
         (``Qᵀ m_t Q = β₁ Qᵀ m_{t−1} Q + (1 − β₁) Qᵀ G_t Q``, linear): the per-step rotation of
         ``m`` — two of the eight ``d³`` products of a SOAP step — is paid only at refreshes.
         """
-        rotated = project_to_eigenbasis(average.to(self.factor_dtype), self._bases(state))
-        if "rotated_average" in state:
-            state["rotated_average"].copy_(rotated)
-        else:
-            state["rotated_average"] = rotated
+        # a copy even where no dim has a basis (the projection is then the identity)
+        state["rotated_average"] = project_to_eigenbasis(average.to(self.factor_dtype, copy=True), self._bases(state))
 
     def precondition_rotated(self, state: BlockState, rotated: Tensor, step: int, dtype: torch.dtype) -> Tensor:
         """``Q (rotated / (sqrt(Λ/c₂) + ε))`` in ``dtype``: the EC direction of a numerator that is

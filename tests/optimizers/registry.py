@@ -158,6 +158,7 @@ _SHAMPOO_BAD_ARGUMENTS = (
     ({"grafting": "lion"}, "grafting"),
     ({"graft_beta2": 1.5}, "graft_beta2"),
     ({"graft_epsilon": 0.0}, "graft_epsilon"),
+    ({"graft_scale": 0.0}, "graft_scale"),
     ({"factor_dtype": torch.float16}, "factor_dtype"),
     ({"inverse_exponent_override": {2: -0.5}}, "inverse_exponent_override"),
 )

@@ -407,3 +407,44 @@ def test_loss_average_is_the_same_for_a_loss_without_positions(spec):
         for average in ("batch", "batch+sequence")]
     torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
     assert steps[0].abs().max() > 0
+
+
+@over_specs(lambda spec: _accepts(spec, "graft_scale"))
+def test_graft_scale_multiplies_every_grafted_step(spec):
+    """``graft_scale`` s: with the same gradients, every step is s × the step at s = 1 (the
+    graft-only first steps, the grafted Kronecker steps after them, diagonal-only blocks and
+    momentum alike): it scales the graft's norm, nothing else."""
+    generator = torch.Generator().manual_seed(0)
+    model = toy_model(dtype=torch.float64)
+    grads = [[torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in model.parameters()]
+             for _ in range(4)]
+
+    def delta(scale: float) -> torch.Tensor:
+        model = toy_model(dtype=torch.float64)
+        optimizer = spec.make(model, graft_scale=scale, weight_decay=0.0)
+        before = flat(model).clone()
+        for step_grads in grads:  # gradients fixed: the steps depend on them only
+            for p, grad in zip(model.parameters(), step_grads, strict=True):
+                p.grad = grad.clone()
+            optimizer.step()
+        return before - flat(model)
+
+    one = delta(1.0)
+    assert one.abs().max() > 0
+    torch.testing.assert_close(delta(3.0), 3 * one, rtol=1e-10, atol=1e-14)
+
+
+@over_specs(lambda spec: not spec.closure_driven)
+def test_step_leaves_gradients_untouched(spec):
+    """``step()`` reads ``.grad`` and never writes it (torch.optim's contract; an optimizer may
+    work on the gradients themselves rather than copies, e.g. Shampoo's screen on CPU)."""
+    model = toy_model()
+    optimizer = spec.make(model)
+    for x, y in batches(3):
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        optimizer.step()
+        for p, grad in zip(model.parameters(), grads, strict=True):
+            if grad is not None:
+                assert torch.equal(p.grad, grad)

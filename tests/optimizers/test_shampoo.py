@@ -427,17 +427,20 @@ def test_soap_mode_first_basis_refresh_keeps_step_size_with_unseen_rows():
 
 @pytest.mark.parametrize("refresh_method", ["qr", "eigh"])
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_soap_first_moment_kept_in_eigenbasis_equals_rotating_it_every_step(refresh_method, beta1):
+@pytest.mark.parametrize("override", [None, {2: {0: 0.0}}, {2: 0.0}], ids=["bases", "one_basis", "no_basis"])
+def test_soap_first_moment_kept_in_eigenbasis_equals_rotating_it_every_step(refresh_method, beta1, override):
     """SOAP mode keeps ``Qᵀ m Q`` and rotates only the gradient each step (re-rotating ``m`` at
     basis refreshes); the directions equal rotating the bias-corrected ``m`` every step, which
-    is computed here from the optimizer's own bases and ``Λ`` before each step."""
+    is computed here from the optimizer's own bases and ``Λ`` before each step. Also with the
+    basis change skipped on one dim or on both (the rotation is then partly or wholly the
+    identity, and the rotated copy must still be a buffer of its own)."""
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(40, 30, dtype=torch.float64))
     # ε = 1e-4: the first steps' statistics are rank-deficient, and with ε = 1e-8 the rounding
     # noise of near-zero rotated coordinates is amplified 1e8-fold in both computations
     optimizer = Shampoo([weight], lr=1.0, betas=(beta1, 0.95), epsilon=1e-4, eigenvalue_correction=True,
                         grafting="none", precondition_frequency=3, refresh_method=refresh_method,
-                        factor_dtype=torch.float64)
+                        factor_dtype=torch.float64, inverse_exponent_override=override)
     # the same configuration; 40 × 30 > max_preconditioner_dim, so the dims are not merged
     strategy = optimizer._strategy((40, 30), weight, optimizer.param_groups[0])
     reference_state = strategy.init_state(weight.detach())
@@ -486,29 +489,11 @@ def test_soap_state_without_the_rotated_first_moment_resumes_exactly():
     torch.testing.assert_close(run(7), run(None), rtol=1e-12, atol=1e-14)
 
 
-def test_graft_scale_multiplies_every_grafted_step_and_defaults_by_mode():
-    """``graft_scale`` s: each block's step is s × the graft's norm (Kronecker blocks) or s × the
-    graft's direction (diagonal-only blocks); None gives 3 in grafted SOAP mode, else 1."""
+def test_graft_scale_defaults_by_mode():
+    """``graft_scale=None`` gives 3 in grafted SOAP mode, else 1 (its effect on the step and its
+    validation are in the contract matrix and the registry's bad arguments)."""
     assert Shampoo([nn.Parameter(torch.ones(3, 3))]).param_groups[0]["graft_scale"] == 1.0
     soap = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True)
     assert soap.param_groups[0]["graft_scale"] == 3.0
     paper = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True, grafting="none")
     assert paper.param_groups[0]["graft_scale"] == 1.0
-    with pytest.raises(ValueError, match="graft_scale"):
-        Shampoo([nn.Parameter(torch.ones(3, 3))], graft_scale=0.0)
-
-    def steps(scale: float, mode: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(40, 30, dtype=torch.float64)),
-                  nn.Parameter(torch.randn(30, dtype=torch.float64))]
-        optimizer = Shampoo(params, lr=1e-2, eigenvalue_correction=mode, precondition_frequency=2,
-                            factor_dtype=torch.float64, graft_scale=scale)
-        before = [p.detach().clone() for p in params]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        optimizer.step()
-        return [b - p.detach() for b, p in zip(before, params)]
-
-    for mode in (False, True):
-        for one, three in zip(steps(1.0, mode), steps(3.0, mode)):
-            torch.testing.assert_close(three, 3 * one, rtol=1e-12, atol=1e-15)
