@@ -151,8 +151,8 @@ class AdaFisher(CapturingOptimizer):
         eps: the Adam fallback's (and the graft's) ε.
         normalization: ``"none"`` (default: the loss's scale), ``"mean"`` or ``"minmax"`` (the
             paper), in ``ema="paper"``.
-        graft: ``"adam"`` (default), ``"adam_cap"`` (the step's own length, at most Adam's) or
-            ``"none"``.
+        graft: ``"adam_cap"`` (default: the step's own length, at most Adam's), ``"adam"`` (Adam's
+            length) or ``"none"``.
         power: ``p ∈ (0, 1]``: the step is ``m̂ ⊘ F̃^p`` (1 = the paper).
         step_scale: ``s > 0``: the step is ``s · m̂ ⊘ F̃^p`` before the graft (1 = the paper).
         loss_reduction: ``"mean"`` or ``"sum"`` (capture docs).
