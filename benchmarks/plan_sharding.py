@@ -131,7 +131,7 @@ def block_state_floats(
     Shampoo (a block of ``shape``, ``n`` elements): per dim a factor and its root, ``2·d²``,
     plus the first moment and the graft's second moment, ``2n`` (1-D blocks: ``2n`` only).
     SOAP: per dim a factor and its eigenbasis, plus ``4n`` (the corrected second moment and the
-    first moment kept in the eigenbasis too).
+    first moment kept in the eigenbasis too) and 2 (the step-averaged norms of the graft).
     Capture optimizers (a layer, ``a = in + bias`` inputs, ``g = out`` outputs, ``n`` weights
     and bias): EK-FAC keeps ``A``, ``G``, their bases and eigenvalues, the ``g×a`` correction and
     a first moment; AdaFisher diagonal factors (twice) and a first moment; SINGD ``K``, ``C``
@@ -143,7 +143,7 @@ def block_state_floats(
         n = math.prod(shape)
         if len(shape) < 2:
             return 2 * n
-        return sum(2 * d * d for d in shape) + (4 if family == "SOAP" else 2) * n
+        return sum(2 * d * d for d in shape) + (4 * n + 2 if family == "SOAP" else 2 * n)
     n = sum(p.numel() for p in block)
     has_bias = len(block) > 1
     if isinstance(module, nn.Linear) and block[0] is module.weight:

@@ -173,6 +173,9 @@ class SecondOrderOptimizer(Optimizer):
     supports_maximize = True
     _step_supports_amp_scaling = True
     _meaning_keys: tuple[str, ...] = ()  # group keys whose value changes what the state means
+    # Group options added in a later release → the value that reproduces the earlier behaviour,
+    # filled into older checkpoints (which would otherwise be refused as not this optimizer's).
+    _options_added_later: dict[str, Any] = {}
     _runtime_attributes: tuple[str, ...] = ()
 
     def __init__(
@@ -248,6 +251,9 @@ class SecondOrderOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         saved_groups = copy.deepcopy(state_dict["param_groups"])
+        for saved in saved_groups:  # checkpoints older than an option behave as they did then
+            for key, value in self._options_added_later.items():
+                saved.setdefault(key, value)
         saved_state = state_dict["state"]
         self._check_loadable(saved_groups, saved_state)
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),

@@ -23,6 +23,12 @@ where it is longer (``P ← P · min(1, ‖D‖_F / ‖P‖_F)``): a trust regio
 own step is right most of the time but can blow up, e.g. an inverse Kronecker factor whose
 statistics vanish late in training (SINGD's default, issue 14).
 
+``norm_beta > 0`` grafts to *averaged* norms (``smoothed_norm_ratio``): the step is
+``P · N̄_D / N̄_P`` with ``N̄`` exponential averages of ``‖D‖`` and ``‖P‖`` over the layer's
+steps, so the long-run step length is Adam's while the method keeps its own step-to-step
+variation: a second-order direction is short where the rotated gradient is noise and long
+where it is consistent, which per-step grafting throws away (Shampoo's SOAP mode, issue 15).
+
 Everything stays on the device: the scale is a 0-d tensor (no host synchronisation).
 """
 
@@ -31,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["GRAFT_KINDS", "adam_graft", "graft_state_keys"]
+__all__ = ["GRAFT_KINDS", "adam_graft", "graft_state_keys", "smoothed_norm_ratio"]
 
 GRAFT_KINDS = ("adam", "adam_cap", "none")
 """``"adam"``: rescale to Adam's per-layer norm; ``"adam_cap"``: the method's own step length,
@@ -39,6 +45,7 @@ at most Adam's per-layer norm; ``"none"``: the method's own step length."""
 
 _SECOND_MOMENT = "graft_exp_avg_sq"
 _STEP = "graft_step"
+_NORM_AVERAGES = ("graft_norm_avg", "direction_norm_avg")
 
 
 def graft_state_keys() -> tuple[str, str]:
@@ -102,3 +109,36 @@ def adam_graft(
         raise ValueError(f"Invalid kind: {kind!r} (expected 'adam' or 'adam_cap')")
     return [(direction * scale).to(direction.dtype) for direction in directions]
 
+
+
+def smoothed_norm_ratio(state: dict, graft_norm: Tensor, direction_norm: Tensor, beta: float,
+                        keep: Tensor | None = None) -> Tensor:
+    """``N̄_D / (N̄_P + 1e-16)``: the graft's over the direction's norm, each averaged over steps.
+
+    ``N̄ ← β·N̄ + (1 − β)·‖·‖`` (0-d float32 tensors ``graft_norm_avg`` and
+    ``direction_norm_avg`` in ``state``, created at the first call; float64 for float64 norms). Both averages start at 0 and
+    share ``β``, so their bias corrections cancel in the ratio; ``β = 0`` is this step's ratio
+    (classic per-step grafting). Where ``keep`` (0-d bool) is False the averages stay as they were.
+
+    Args:
+        state: the layer's (block's) state dict.
+        graft_norm, direction_norm: 0-d tensors ``‖D‖_F`` and ``‖P‖_F`` of this step.
+        beta: averaging rate ``β ∈ [0, 1)``.
+        keep: 0-d bool tensor, False on a skipped step (no host read).
+
+    Returns:
+        0-d tensor (at least float32) on ``graft_norm``'s device.
+    """
+    if beta == 0:
+        return graft_norm / (direction_norm + 1e-16)
+    dtype = torch.promote_types(graft_norm.dtype, torch.float32)
+    if _NORM_AVERAGES[0] not in state:
+        for key in _NORM_AVERAGES:
+            state[key] = torch.zeros((), dtype=dtype, device=graft_norm.device)
+    graft_avg, direction_avg = (state[key] for key in _NORM_AVERAGES)
+    weight = torch.full((), 1 - beta, dtype=graft_avg.dtype, device=graft_avg.device)
+    if keep is not None:
+        weight = torch.where(keep, weight, 0.0)
+    graft_avg.lerp_(graft_norm.to(graft_avg.dtype), weight)
+    direction_avg.lerp_(direction_norm.to(graft_avg.dtype), weight)
+    return graft_avg / (direction_avg + 1e-16)

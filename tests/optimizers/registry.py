@@ -159,6 +159,8 @@ _SHAMPOO_BAD_ARGUMENTS = (
     ({"graft_beta2": 1.5}, "graft_beta2"),
     ({"graft_epsilon": 0.0}, "graft_epsilon"),
     ({"graft_scale": 0.0}, "graft_scale"),
+    ({"graft_norm_beta": 1.0}, "graft_norm_beta"),
+    ({"graft_norm_beta": -0.1}, "graft_norm_beta"),
     ({"factor_dtype": torch.float16}, "factor_dtype"),
     ({"inverse_exponent_override": {2: -0.5}}, "inverse_exponent_override"),
 )

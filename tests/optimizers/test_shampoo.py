@@ -74,7 +74,8 @@ def test_eigenvalue_corrected_before_first_basis_is_adam():
     # Q = I until the first amortised step: Adam with ε outside the root.
     # (graft_scale=1: SOAP mode's default 3 would make it Adam at 3× the lr)
     ours, _ = train(lambda p: Shampoo(p, lr=1e-2, betas=(0.9, 0.999), epsilon=1e-8, eigenvalue_correction=True,
-                                      start_preconditioning_step=NEVER, precondition_1d=True, graft_scale=1.0))
+                                      start_preconditioning_step=NEVER, precondition_1d=True, graft_scale=1.0,
+                                          graft_beta2=0.999))
     reference, _ = train(lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-8))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
 
@@ -363,11 +364,13 @@ def test_soap_mode_trains_and_defaults_to_adam_grafting():
     assert torch.isfinite(final).all()
 
 
-def test_soap_mode_step_has_adams_norm_so_adamw_lr_carries_over():
-    """Default SOAP mode: each step's norm is ``graft_scale`` (3) × torch Adam's on the same
-    gradients (one block), while the direction is SOAP's. Ungrafted, the step is a fraction of
-    Adam's (the eigenbasis concentrates the signal in few coordinates), which is why AdamW's lr
-    did not carry over."""
+def test_soap_mode_step_has_adams_averaged_norm_so_adamw_lr_carries_over():
+    """Default SOAP mode: step ``t`` is SOAP's own direction ``P_t`` rescaled by
+    ``graft_scale · N̄_D/N̄_P`` (3 × the ratio of the step-averaged norms of torch Adam's direction
+    and of ``P``, β 0.99), so its length follows Adam's on average and SOAP's from step to step;
+    ``graft_norm_beta=0`` is per-step grafting: exactly 3 × Adam's norm at every step. Ungrafted,
+    the step is a fraction of Adam's (the eigenbasis concentrates the signal in few coordinates),
+    which is why AdamW's lr did not carry over."""
     torch.manual_seed(3)
     grads = [torch.randn(8, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) for _ in range(12)]
 
@@ -382,11 +385,18 @@ def test_soap_mode_step_has_adams_norm_so_adamw_lr_carries_over():
             norms.append(float((weight.detach() - before).norm()))
         return torch.tensor(norms, dtype=torch.float64)
 
-    adam = step_norms(lambda p: torch.optim.Adam(p, lr=1e-2))
-    soap = step_norms(lambda p: Shampoo(p, lr=1e-2, eigenvalue_correction=True, precondition_frequency=3))
-    paper = step_norms(lambda p: Shampoo(p, lr=1e-2, eigenvalue_correction=True, precondition_frequency=3,
-                                         grafting="none"))
-    torch.testing.assert_close(soap, 3 * adam, rtol=1e-10, atol=0)
+    lr = 1e-2
+    adam = step_norms(lambda p: torch.optim.Adam(p, lr=lr, betas=(0.9, 0.99))) / lr
+    paper = step_norms(lambda p: Shampoo(p, lr=lr, eigenvalue_correction=True, precondition_frequency=3,
+                                         grafting="none")) / lr
+    soap = step_norms(lambda p: Shampoo(p, lr=lr, eigenvalue_correction=True, precondition_frequency=3)) / lr
+    per_step = step_norms(lambda p: Shampoo(p, lr=lr, eigenvalue_correction=True, precondition_frequency=3,
+                                            graft_norm_beta=0.0)) / lr
+    weights = 0.01 * 0.99 ** torch.arange(len(grads) - 1, -1, -1, dtype=torch.float64)
+    averaged = torch.stack([(weights[-t - 1:] * adam[:t + 1]).sum() / (weights[-t - 1:] * paper[:t + 1]).sum()
+                            for t in range(len(grads))])
+    torch.testing.assert_close(soap, 3 * paper * averaged, rtol=1e-10, atol=0)
+    torch.testing.assert_close(per_step, 3 * adam, rtol=1e-10, atol=0)
     assert paper[3:].sum() < 0.9 * adam[3:].sum(), (paper / adam).tolist()
 
 
@@ -489,11 +499,30 @@ def test_soap_state_without_the_rotated_first_moment_resumes_exactly():
     torch.testing.assert_close(run(7), run(None), rtol=1e-12, atol=1e-14)
 
 
-def test_graft_scale_defaults_by_mode():
-    """``graft_scale=None`` gives 3 in grafted SOAP mode, else 1 (its effect on the step and its
-    validation are in the contract matrix and the registry's bad arguments)."""
-    assert Shampoo([nn.Parameter(torch.ones(3, 3))]).param_groups[0]["graft_scale"] == 1.0
-    soap = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True)
-    assert soap.param_groups[0]["graft_scale"] == 3.0
+def test_mode_defaults():
+    """Root mode keeps distributed_shampoo's classic configuration; SOAP mode defaults to β₂ 0.99
+    (factors, ``Λ``, graft) and a graft to 3 × Adam's step-averaged norm (the effect of
+    ``graft_scale`` is in the contract matrix, its validation in the registry's bad arguments)."""
+    root = Shampoo([nn.Parameter(torch.ones(3, 3))]).param_groups[0]
+    assert (root["graft_scale"], root["graft_norm_beta"], root["betas"], root["graft_beta2"]) == (
+        1.0, 0.0, (0.9, 0.999), 0.999)
+    soap = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True).param_groups[0]
+    assert (soap["graft_scale"], soap["graft_norm_beta"], soap["betas"], soap["graft_beta2"]) == (
+        3.0, 0.99, (0.9, 0.99), 0.99)
     paper = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True, grafting="none")
-    assert paper.param_groups[0]["graft_scale"] == 1.0
+    assert (paper.param_groups[0]["graft_scale"], paper.param_groups[0]["graft_norm_beta"]) == (1.0, 0.0)
+
+
+def test_checkpoint_without_averaged_norms_grafts_per_step():
+    """A state dict from before ``graft_scale`` and ``graft_norm_beta`` existed loads (an unknown
+    missing option is still refused) and resumes with their behaviour then: per-step grafting
+    to 1 × the graft's norm."""
+    weight = nn.Parameter(torch.ones(3, 3))
+    saved = Shampoo([weight], eigenvalue_correction=True).state_dict()
+    del saved["param_groups"][0]["graft_norm_beta"], saved["param_groups"][0]["graft_scale"]
+    resumed = Shampoo([weight], eigenvalue_correction=True)
+    resumed.load_state_dict(saved)
+    assert (resumed.param_groups[0]["graft_norm_beta"], resumed.param_groups[0]["graft_scale"]) == (0.0, 1.0)
+    del saved["param_groups"][0]["graft_beta2"]
+    with pytest.raises(ValueError, match="lacks \\['graft_beta2'\\]"):
+        resumed.load_state_dict(saved)
