@@ -30,7 +30,6 @@ from secondorder.precond.kronecker import KroneckerFactors, compute_inverses
 from secondorder.precond.linalg import bias_correction, finite_or_zero, keep_where
 
 
-
 class Shampoo(SecondOrderOptimizer):
     r"""Shampoo (Gupta et al. 2018) as a drop-in ``torch.optim`` optimizer.
 
@@ -69,7 +68,8 @@ class Shampoo(SecondOrderOptimizer):
 
     Differences from distributed_shampoo, chosen for users: 1-D parameters get the graft's
     diagonal method unless ``precondition_1d=True``; grafted SOAP mode steps 3 × the graft's
-    step-averaged norm with β₂ 0.99 (``graft_scale``, ``graft_norm_beta``, ``betas``); state of bf16 parameters is float32;
+    step-averaged norm with β₂ 0.99 (``graft_scale``, ``graft_norm_beta``, ``betas``);
+    state of bf16 parameters is float32;
     decoupled decay is AdamW's, outside momentum (``"decoupled_before_momentum"`` is theirs);
     a block whose gradient is not finite is skipped for that step (state and weight unchanged
     but for AdamW-style decay; counted) instead of poisoning its factors: screened and masked

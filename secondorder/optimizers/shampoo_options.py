@@ -50,7 +50,9 @@ def mode_defaults(soap: bool, options: dict[str, Any]) -> dict[str, Any]:
         else options["refresh_method"],
     }
     start = options["start_preconditioning_step"]
-    resolved["start_preconditioning_step"] = (1 if soap else options["precondition_frequency"]) if start is None else start
+    if start is None:
+        start = 1 if soap else options["precondition_frequency"]
+    resolved["start_preconditioning_step"] = start
     if isinstance(resolved["betas"], list):
         resolved["betas"] = tuple(resolved["betas"])
     return resolved

@@ -116,9 +116,10 @@ def smoothed_norm_ratio(state: dict, graft_norm: Tensor, direction_norm: Tensor,
     """``N̄_D / (N̄_P + 1e-16)``: the graft's over the direction's norm, each averaged over steps.
 
     ``N̄ ← β·N̄ + (1 − β)·‖·‖`` (0-d float32 tensors ``graft_norm_avg`` and
-    ``direction_norm_avg`` in ``state``, created at the first call; float64 for float64 norms). Both averages start at 0 and
-    share ``β``, so their bias corrections cancel in the ratio; ``β = 0`` is this step's ratio
-    (classic per-step grafting). Where ``keep`` (0-d bool) is False the averages stay as they were.
+    ``direction_norm_avg`` in ``state``, created at the first call; float64 for float64 norms).
+    Both averages start at 0 and share ``β``, so their bias corrections cancel in the ratio;
+    ``β = 0`` is this step's ratio (classic per-step grafting). Where ``keep`` (0-d bool) is
+    False the averages stay as they were.
 
     Args:
         state: the layer's (block's) state dict.
