@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from secondorder.precond.linalg import keep_where
+
 __all__ = ["GRAFT_KINDS", "adam_graft", "graft_state_keys", "smoothed_norm_ratio"]
 
 GRAFT_KINDS = ("adam", "adam_cap", "none")
@@ -137,9 +139,7 @@ def smoothed_norm_ratio(state: dict, graft_norm: Tensor, direction_norm: Tensor,
         for key in _NORM_AVERAGES:
             state[key] = torch.zeros((), dtype=dtype, device=graft_norm.device)
     graft_avg, direction_avg = (state[key] for key in _NORM_AVERAGES)
-    weight = torch.full((), 1 - beta, dtype=graft_avg.dtype, device=graft_avg.device)
-    if keep is not None:
-        weight = torch.where(keep, weight, 0.0)
+    weight = 1 - beta if keep is None else keep_where(keep, 1 - beta, 0.0, graft_avg.dtype)
     graft_avg.lerp_(graft_norm.to(graft_avg.dtype), weight)
     direction_avg.lerp_(direction_norm.to(graft_avg.dtype), weight)
     return graft_avg / (direction_avg + 1e-16)

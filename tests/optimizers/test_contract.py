@@ -409,29 +409,78 @@ def test_loss_average_is_the_same_for_a_loss_without_positions(spec):
     assert steps[0].abs().max() > 0
 
 
+def _fixed_gradients(steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Per step, a float64 gradient for every parameter of ``toy_model``."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [p.shape for p in toy_model().parameters()]
+    return [[torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes] for _ in range(steps)]
+
+
+def _delta_under_fixed_gradients(spec, grads: list[list[torch.Tensor]], **overrides) -> torch.Tensor:
+    """Total parameter change of a float64 ``toy_model`` stepped with ``grads`` (no decay):
+    the steps depend on the gradients only."""
+    model = toy_model(dtype=torch.float64)
+    optimizer = spec.make(model, weight_decay=0.0, **overrides)
+    before = flat(model).clone()
+    for step_grads in grads:
+        for p, grad in zip(model.parameters(), step_grads, strict=True):
+            p.grad = grad.clone()
+        optimizer.step()
+    return before - flat(model)
+
+
 @over_specs(lambda spec: _accepts(spec, "graft_scale"))
 def test_graft_scale_multiplies_every_grafted_step(spec):
     """``graft_scale`` s: with the same gradients, every step is s × the step at s = 1 (the
     graft-only first steps, the grafted Kronecker steps after them, diagonal-only blocks and
     momentum alike): it scales the graft's norm, nothing else."""
-    generator = torch.Generator().manual_seed(0)
-    model = toy_model(dtype=torch.float64)
-    grads = [[torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in model.parameters()]
-             for _ in range(4)]
-
-    def delta(scale: float) -> torch.Tensor:
-        model = toy_model(dtype=torch.float64)
-        optimizer = spec.make(model, graft_scale=scale, weight_decay=0.0)
-        before = flat(model).clone()
-        for step_grads in grads:  # gradients fixed: the steps depend on them only
-            for p, grad in zip(model.parameters(), step_grads, strict=True):
-                p.grad = grad.clone()
-            optimizer.step()
-        return before - flat(model)
-
-    one = delta(1.0)
+    grads = _fixed_gradients(4)
+    one = _delta_under_fixed_gradients(spec, grads, graft_scale=1.0)
     assert one.abs().max() > 0
-    torch.testing.assert_close(delta(3.0), 3 * one, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(_delta_under_fixed_gradients(spec, grads, graft_scale=3.0), 3 * one,
+                               rtol=1e-10, atol=1e-14)
+
+
+@over_specs(lambda spec: _accepts(spec, "graft_norm_beta"))
+def test_graft_norm_beta_averages_only_the_step_length(spec):
+    """``graft_norm_beta`` β sets a grafted step's length from the graft's and the direction's
+    norms averaged over steps (both averages start at 0, so their bias corrections cancel):
+    up to the first preconditioned step there is one step to average and every β gives the
+    per-step graft's (β = 0) trajectory; after it, changing gradients give different steps.
+    (The exact formula against torch Adam is in the optimizer's own tests.)"""
+    grads = _fixed_gradients(8)
+    start = spec.make(toy_model()).param_groups[0]["start_preconditioning_step"]
+    first = [_delta_under_fixed_gradients(spec, grads[:start], graft_norm_beta=beta) for beta in (0.0, 0.9)]
+    assert first[0].abs().max() > 0
+    torch.testing.assert_close(first[1], first[0], rtol=1e-12, atol=1e-15)
+    averaged = _delta_under_fixed_gradients(spec, grads, graft_norm_beta=0.9)
+    instant = _delta_under_fixed_gradients(spec, grads, graft_norm_beta=0.0)
+    assert (averaged - instant).abs().max() > 1e-3 * instant.abs().max()
+
+
+@over_specs(lambda spec: bool(spec.optimizer_class._options_added_later))
+def test_checkpoint_from_before_an_option_resumes_with_its_old_behaviour(spec):
+    """A state dict saved before a group option existed loads with the value that reproduces
+    the behaviour of then (``_options_added_later``) and trains on; a state dict missing any
+    other option is still refused as not this optimizer's."""
+    model = toy_model()
+    optimizer = spec.make(model)
+    x, y = toy_data()
+    take_step(spec, optimizer, model, x, y)
+    saved = optimizer.state_dict()
+    old_values = spec.optimizer_class._options_added_later
+    for group in saved["param_groups"]:
+        for key in old_values:
+            del group[key]
+    resumed = spec.make(model)
+    resumed.load_state_dict(saved)
+    for group in resumed.param_groups:
+        assert {key: group[key] for key in old_values} == old_values
+    take_step(spec, resumed, model, x, y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    del saved["param_groups"][0]["lr"]
+    with pytest.raises(ValueError, match=r"lacks \['lr'\]"):
+        spec.make(model).load_state_dict(saved)
 
 
 @over_specs(lambda spec: not spec.closure_driven)

@@ -511,18 +511,3 @@ def test_mode_defaults():
         3.0, 0.99, (0.9, 0.99), 0.99)
     paper = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True, grafting="none")
     assert (paper.param_groups[0]["graft_scale"], paper.param_groups[0]["graft_norm_beta"]) == (1.0, 0.0)
-
-
-def test_checkpoint_without_averaged_norms_grafts_per_step():
-    """A state dict from before ``graft_scale`` and ``graft_norm_beta`` existed loads (an unknown
-    missing option is still refused) and resumes with their behaviour then: per-step grafting
-    to 1 × the graft's norm."""
-    weight = nn.Parameter(torch.ones(3, 3))
-    saved = Shampoo([weight], eigenvalue_correction=True).state_dict()
-    del saved["param_groups"][0]["graft_norm_beta"], saved["param_groups"][0]["graft_scale"]
-    resumed = Shampoo([weight], eigenvalue_correction=True)
-    resumed.load_state_dict(saved)
-    assert (resumed.param_groups[0]["graft_norm_beta"], resumed.param_groups[0]["graft_scale"]) == (0.0, 1.0)
-    del saved["param_groups"][0]["graft_beta2"]
-    with pytest.raises(ValueError, match="lacks \\['graft_beta2'\\]"):
-        resumed.load_state_dict(saved)
