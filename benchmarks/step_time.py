@@ -16,17 +16,20 @@ mean over whole periods (the amortized cost) and optimizer-state bytes. Every ti
 both by the wall clock and as process CPU time; with one torch thread the CPU time is the
 steadier figure when other processes share the cores (the JSON holds both).
 
-For Shampoo it also times the bare linear algebra the step must do, alone: per 2-D block
-``(m, n)`` the factor updates ``G Gᵀ`` and ``Gᵀ G`` and the preconditioning ``L^{-1/4} G
-R^{-1/4}`` (four matmuls per step) plus, every ``f`` steps, one ``eigh`` per factor and the
-root ``Q diag(λ^{-1/4}) Qᵀ``; for ``Shampoo-SOAP`` rows the floor is the factor products and
-two rotations per step (``Qᵀ G Q`` in, the result ``Q · Qᵀ`` out; the first moment is kept in the
+For Shampoo it also times the bare linear algebra the step must do: per 2-D block ``(m, n)``
+the factor updates ``G Gᵀ`` and ``Gᵀ G`` and the preconditioning ``L^{-1/4} G R^{-1/4}`` (four
+matmuls per step) plus, every ``f`` steps, one ``eigh`` per factor and the root
+``Q diag(λ^{-1/4}) Qᵀ``; for ``Shampoo-SOAP`` rows the floor is the factor products and two
+rotations per step (``Qᵀ G Q`` in, the result ``Q · Qᵀ`` out; the first moment is kept in the
 eigenbasis) plus, per refresh, one warm-started QR step per factor and one rotation of the first
-moment
-(wall clock only). On the same factors it times the cheap refreshes
-(``refresh_method``): coupled Newton roots against eigh + root, and one warm-started QR step
-against eigh (SOAP mode), with their accuracy. It prints ``amortized step / bare linear algebra`` at each
-frequency (the target is <= 1.05 at frequencies 10 and 100). Eigh is also timed on every core to show
+moment. The per-step part is timed right after each optimizer step, on matrices of the same
+sizes, so that both see the same load on a shared machine (timed apart, the two drifted by
+±5 % between runs); the refresh part is timed alone. On the same factors it times the cheap
+refreshes (``refresh_method``): coupled Newton roots against eigh + root, and one warm-started
+QR step against eigh (SOAP mode), with their accuracy. It prints ``amortized step / bare linear
+algebra`` at each frequency, by the wall clock, in CPU time and against the per-step floor
+timed alone (hot caches: the stricter figure; the target is <= 1.05 at frequencies 10 and
+100). Eigh is also timed on every core to show
 the multi-threaded collapse (reference/pytorch_conventions.md, appendix). Outputs
 ``step_time.json`` in ``--out`` (default ``bench_results/step_time``).
 """
@@ -52,6 +55,8 @@ from secondorder.precond.linalg import coupled_newton_inverse_root, warm_started
 
 SIZES = (256, 1024, 1024, 10)
 POOL = 4
+#: entries timed against their linear-algebra floor: two-sided products per block and step
+FLOOR_ROTATIONS = {"Shampoo": 1, "Shampoo-SOAP": 2}
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -105,15 +110,37 @@ def gradient_pool(
     return pool, statistics.median(times)
 
 
+def per_step_floor(shapes: list[tuple[int, ...]], rotations: int) -> Callable[[], None]:
+    """The per-step linear algebra of a Kronecker step on parameters of ``shapes``, as one call:
+    per 2-D ``(m, n)`` the factor products ``G Gᵀ`` and ``Gᵀ G`` and ``rotations`` two-sided
+    products ``A G B`` (root mode 1: ``L G R``; SOAP mode 2: ``Qᵀ G Q`` in and ``Q G' Qᵀ`` out)
+    on random matrices of the same sizes."""
+    gen = torch.Generator().manual_seed(1)
+    mats = [(torch.randn(m, n, generator=gen), torch.randn(m, m, generator=gen), torch.randn(n, n, generator=gen))
+            for m, n in (shape for shape in shapes if len(shape) == 2)]
+
+    def run() -> None:
+        for g, left, right in mats:
+            torch.matmul(g, g.T)
+            torch.matmul(g.T, g)
+            for _ in range(rotations):
+                torch.linalg.multi_dot([left, g, right])
+
+    return run
+
+
 def time_steps(
-    name: str, overrides: dict[str, Any], steps: int, warmup: int, batch: int
+    name: str, overrides: dict[str, Any], steps: int, warmup: int, batch: int,
+    floor: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Time ``steps`` optimizer steps (after ``warmup``) of entry ``name`` on the benchmark MLP.
 
     Gradients: plain entries get the pooled gradients copied into ``.grad`` (no backward);
     ``pass_model`` entries (layer capture through hooks) get a real forward/backward before
     each step, timed apart as ``fwd_bwd_ms`` (hooks included) next to the plain model's
-    ``plain_fwd_bwd_ms``; ``closure`` entries are timed with their closure. Returns per-step
+    ``plain_fwd_bwd_ms``; ``closure`` entries are timed with their closure. ``floor``: timed
+    right after each measured step (``floor_ms`` / ``floor_cpu_ms``, means), so that the step
+    and its linear-algebra floor see the same load on a shared machine. Returns per-step
     times in ms, their median, the mean over the measured window and the state bytes.
     """
     entry = REGISTRY[name]
@@ -133,7 +160,7 @@ def time_steps(
 
     if entry.make_closure is not None:  # e.g. a closure that leaves backward to the optimizer
         closure = entry.make_closure(model, x, y, F.cross_entropy, optimizer)
-    times, cpu_times, fwd_bwd = [], [], []
+    times, cpu_times, fwd_bwd, floor_times, floor_cpu_times = [], [], [], [], []
     for i in range(warmup + steps):
         if entry.pass_model and not entry.closure:
             bx, by = batches[i % POOL]
@@ -153,6 +180,11 @@ def time_steps(
         if i >= warmup:
             times.append(1e3 * elapsed)
             cpu_times.append(1e3 * cpu)
+            if floor is not None:
+                t0, c0 = time.perf_counter(), time.process_time()
+                floor()
+                floor_times.append(1e3 * (time.perf_counter() - t0))
+                floor_cpu_times.append(1e3 * (time.process_time() - c0))
     return {
         "optimizer": name,
         "overrides": {k: repr(v) for k, v in overrides.items()},
@@ -166,6 +198,8 @@ def time_steps(
         "max_ms": max(times),
         "cpu_median_ms": statistics.median(cpu_times),
         "cpu_mean_ms": statistics.fmean(cpu_times),
+        "floor_ms": statistics.fmean(floor_times) if floor_times else None,
+        "floor_cpu_ms": statistics.fmean(floor_cpu_times) if floor_cpu_times else None,
         "state_bytes": state_bytes(optimizer),
         "times_ms": times,
         "cpu_times_ms": cpu_times,
@@ -268,7 +302,8 @@ def refresh_costs(spd: dict[int, torch.Tensor], dims: list[int], reps: int) -> d
     factor as in :func:`shampoo_linalg`): ms per method, Newton's iterations and its root's
     largest relative difference from the eigh root, and the QR basis's subspace error on the
     top quarter of the spectrum. Returns per-size rows and the per-refresh sums."""
-    rows, totals = {}, {"eigh_root": 0.0, "newton_root": 0.0, "eigh_basis": 0.0, "qr_basis": 0.0}
+    rows = {}
+    totals = {"eigh_root": 0.0, "newton_root": 0.0, "eigh_basis": 0.0, "qr_basis": 0.0, "qr_basis_cpu": 0.0}
     for d, previous in spd.items():
         count = dims.count(d)
         current = _perturbed(previous, d)
@@ -279,13 +314,13 @@ def refresh_costs(spd: dict[int, torch.Tensor], dims: list[int], reps: int) -> d
         root_ms = _median_ms(_root, reps, vectors, values)[0]
         newton_ms = _median_ms(lambda m: coupled_newton_inverse_root(m, 4), 3, current)[0]
         newton_root, residual = coupled_newton_inverse_root(current, 4)
-        qr_ms = _median_ms(warm_started_eigenbasis, 3, current, old_basis)[0]
+        qr_ms, qr_cpu_ms = _median_ms(warm_started_eigenbasis, 3, current, old_basis)
         _, qr_basis, _ = warm_started_eigenbasis(current, old_basis)
         top = max(1, d // 4)
         exact_top, qr_top = vectors.flip(1)[:, :top], qr_basis[:, :top]
         rows[str(d)] = {
             "count": count, "eigh_ms": eigh_ms, "root_ms": root_ms, "newton_ms": newton_ms,
-            "newton_residual": residual, "qr_ms": qr_ms,
+            "newton_residual": residual, "qr_ms": qr_ms, "qr_cpu_ms": qr_cpu_ms,
             "newton_vs_eigh_root": float((newton_root - eigh_root).abs().max() / eigh_root.abs().max()),
             "qr_top_subspace_error": float(torch.linalg.matrix_norm(qr_top @ qr_top.T - exact_top @ exact_top.T)),
         }
@@ -293,6 +328,7 @@ def refresh_costs(spd: dict[int, torch.Tensor], dims: list[int], reps: int) -> d
         totals["newton_root"] += count * newton_ms
         totals["eigh_basis"] += count * eigh_ms
         totals["qr_basis"] += count * qr_ms
+        totals["qr_basis_cpu"] += count * qr_cpu_ms
     return {"per_size": rows, "per_refresh_ms": totals}
 
 
@@ -333,7 +369,7 @@ def format_table(
         "× AdamW median",
         "state MiB",
         "fwd+bwd ms (plain)",
-        "amortized / bare linalg (CPU time)",
+        "amortized / bare linalg: timed beside (CPU time; timed alone)",
     )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -347,7 +383,7 @@ def format_table(
             f"{row['median_ms'] / baseline['median_ms']:.1f}",
             f"{row['state_bytes'] / 2**20:.1f}",
             "—" if fwd is None else f"{fwd:.1f} ({row['plain_fwd_bwd_ms']:.1f})",
-            "—" if ratio is None else f"{ratio:.2f}" + ("" if ratio_cpu is None else f" ({ratio_cpu:.2f})"),
+            "—" if ratio is None else f"{ratio:.3f} ({ratio_cpu:.3f}; {row['over_bare_linalg_alone']:.3f})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if linalg is not None:
@@ -428,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if REGISTRY[name].target:
                 resolve_target(REGISTRY[name].target)
-            row = time_steps(name, overrides, steps, warmup, args.batch)
+            floor = None
+            if name in FLOOR_ROTATIONS and f is not None:
+                floor = per_step_floor([tuple(p.shape) for p in MLP(SIZES).parameters()], FLOOR_ROTATIONS[name])
+            row = time_steps(name, overrides, steps, warmup, args.batch, floor)
         except (EntryUnavailable, ImportError) as error:
             skipped[name] = str(error)
             print(f"  skipping {name}: {error}", flush=True)
@@ -450,23 +489,27 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [tuple(p.shape) for p in MLP(SIZES).parameters()]
         eigh_threads = sorted({1, args.threads, os.cpu_count() or 1})
         linalg = shampoo_linalg(shapes, args.reps, eigh_threads)
+        refresh = linalg["refresh"]["per_refresh_ms"]
         for row in rows:
-            if row["optimizer"] == "Shampoo" and row["frequency"]:
-                f = row["frequency"]
-                bare = linalg["per_step_ms"] + linalg["amortized_ms"] / f
-                bare_cpu = linalg["per_step_cpu_ms"] + linalg["amortized_cpu_ms"] / f
-                row["bare_linalg_ms"], row["bare_linalg_cpu_ms"] = bare, bare_cpu
-                row["over_bare_linalg"] = row["mean_ms"] / bare
-                row["over_bare_linalg_cpu"] = row["cpu_mean_ms"] / bare_cpu
-            elif row["optimizer"] == "Shampoo-SOAP" and row["frequency"]:
-                # SOAP mode (QR refreshes): factor products and two rotations per step; per
-                # refresh one warm-started QR step per factor and one rotation of the first
-                # moment into the new basis; wall clock only.
-                rotation = sum(wall for key, (wall, _) in linalg["per_step"].items() if key.startswith("LGR"))
-                per_step = sum(wall for key, (wall, _) in linalg["per_step"].items() if not key.startswith("LGR"))
-                per_step += 2 * rotation
-                bare = per_step + (linalg["refresh"]["per_refresh_ms"]["qr_basis"] + rotation) / row["frequency"]
-                row["bare_linalg_ms"], row["over_bare_linalg"] = bare, row["mean_ms"] / bare
+            if row["optimizer"] not in FLOOR_ROTATIONS or not row["frequency"]:
+                continue
+            for clock, suffix in ((0, ""), (1, "_cpu")):
+                # per step: the floor timed beside each step; per refresh, root mode: eigh +
+                # root per factor; SOAP mode: one warm-started QR step per factor and one
+                # rotation of the first moment into the new basis
+                if row["optimizer"] == "Shampoo":
+                    amortized = linalg["amortized" + suffix + "_ms"]
+                else:
+                    rotation = sum(t[clock] for key, t in linalg["per_step"].items() if key.startswith("LGR"))
+                    amortized = refresh["qr_basis" + suffix] + rotation
+                bare = row["floor" + suffix + "_ms"] + amortized / row["frequency"]
+                row["bare_linalg" + suffix + "_ms"] = bare
+                row["over_bare_linalg" + suffix] = row["cpu_mean_ms" if suffix else "mean_ms"] / bare
+                if not suffix:  # the same floor timed alone: its matrices stay in cache
+                    alone = sum(t[0] for key, t in linalg["per_step"].items() if not key.startswith("LGR"))
+                    alone += FLOOR_ROTATIONS[row["optimizer"]] * sum(
+                        t[0] for key, t in linalg["per_step"].items() if key.startswith("LGR"))
+                    row["over_bare_linalg_alone"] = row["mean_ms"] / (alone + amortized / row["frequency"])
     baseline = next(row for row in rows if row["optimizer"] == "AdamW")
     table = format_table(rows, linalg, baseline)
     print(table)

@@ -264,6 +264,28 @@ def test_step_time_runs_for_adamw(tmp_path):
     assert result["params"] == 1_323_018
 
 
+@pytest.mark.parametrize("rotations", [1, 2])
+def test_per_step_floor_does_the_products_of_one_step(rotations):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = []
+
+    class CountProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+                products.append(tuple(args[0].shape) + tuple(args[1].shape[1:]))
+            return func(*args, **(kwargs or {}))
+
+    floor = step_time.per_step_floor([(6, 4), (5,), (3, 7)], rotations)
+    with CountProducts():
+        floor()
+    # per 2-D block: G Gᵀ, Gᵀ G and `rotations` two-sided products (two matmuls each); 1-D: none
+    expected = []
+    for m, n in ((6, 4), (3, 7)):
+        expected += [(m, n, m), (n, m, n)] + [(m, m, n), (m, n, n)] * rotations
+    assert sorted(products) == sorted(expected)
+
+
 def test_bare_linalg_sums_its_parts():
     linalg = step_time.shampoo_linalg([(6, 4), (4, 4), (6,)], reps=2, eigh_threads=[1])
     assert set(linalg["per_step"]) == {

@@ -247,9 +247,13 @@ class KroneckerFactors:
 
         ``keep``: as in :meth:`update_stats` (False leaves ``Λ`` unchanged, ``grad`` zeros).
         Returns the rotated gradient ``Qᵀ G`` (``factor_dtype``), so that a first moment kept
-        in the eigenbasis (:meth:`rotate_average`) needs no rotation of its own.
+        in the eigenbasis (:meth:`rotate_average`) needs no rotation of its own. It is always
+        a new tensor, never ``grad``: the caller may overwrite it (Shampoo writes the rotated
+        direction's numerator into it, saving a block-sized allocation per step).
         """
         rotated = project_to_eigenbasis(grad.to(self.factor_dtype), self._bases(state))
+        if rotated is grad:  # no basis on any dim and the gradient already in factor_dtype
+            rotated = rotated.clone()
         weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
         corrected = state["corrected"]
         if keep is not None and self.beta2 != 1.0:
@@ -270,10 +274,16 @@ class KroneckerFactors:
         # a copy even where no dim has a basis (the projection is then the identity)
         state["rotated_average"] = project_to_eigenbasis(average.to(self.factor_dtype, copy=True), self._bases(state))
 
-    def precondition_rotated(self, state: BlockState, rotated: Tensor, step: int, dtype: torch.dtype) -> Tensor:
+    def precondition_rotated(
+        self, state: BlockState, rotated: Tensor, step: int, dtype: torch.dtype, workspace: Tensor | None = None
+    ) -> Tensor:
         """``Q (rotated / (sqrt(Λ/c₂) + ε))`` in ``dtype``: the EC direction of a numerator that is
-        already in the eigenbasis (block shape, ``factor_dtype``)."""
-        return project_from_eigenbasis(rotated / self._denominator(state, step), self._bases(state)).to(dtype)
+        already in the eigenbasis (block shape, ``factor_dtype``). ``rotated`` is divided in
+        place (a per-step working buffer of the caller's, not state). ``workspace``: optional
+        flat ``factor_dtype`` buffer of at least ``rotated.numel()`` entries that receives the
+        denominator (overwritten), instead of a new block-sized tensor each step."""
+        out = None if workspace is None else workspace[: rotated.numel()].view(state["corrected"].shape)
+        return project_from_eigenbasis(rotated.div_(self._denominator(state, step, out)), self._bases(state)).to(dtype)
 
     def precondition(self, state: BlockState, grad: Tensor, step: int) -> Tensor:
         """``R_0 G R_1`` (root mode) or ``Q((QᵀG) / (sqrt(Λ/c₂) + ε))`` (EC mode); dtype kept."""
@@ -313,9 +323,9 @@ class KroneckerFactors:
     def _roots(self, state: BlockState, order: int) -> list[Tensor | None]:
         return [self._square(state, f"root_{k}") if f"root_{k}" in state else None for k in range(order)]
 
-    def _denominator(self, state: BlockState, step: int) -> Tensor:
+    def _denominator(self, state: BlockState, step: int, out: Tensor | None = None) -> Tensor:
         correction = bias_correction(self.beta2, step) if self.use_bias_correction else 1.0
-        scaled = state["corrected"] / correction
+        scaled = torch.div(state["corrected"], correction, out=out)
         powered = scaled.sqrt_() if self.correction_exponent == 0.5 else scaled.pow_(self.correction_exponent)
         return powered.add_(self.epsilon)
 

@@ -511,3 +511,18 @@ def test_mode_defaults():
         3.0, 0.99, (0.9, 0.99), 0.99)
     paper = Shampoo([nn.Parameter(torch.ones(3, 3))], eigenvalue_correction=True, grafting="none")
     assert (paper.param_groups[0]["graft_scale"], paper.param_groups[0]["graft_norm_beta"]) == (1.0, 0.0)
+
+
+
+@pytest.mark.parametrize("exponents", [(0.0, 0.0), (0.0, 0.5), (0.5, 0.5)])
+def test_rotated_gradient_is_never_the_gradient_itself(exponents):
+    """Shampoo writes SOAP's per-step direction into the tensor ``update_correction`` returns,
+    so it must be new even where no dim has a basis (the rotation is then the identity)."""
+    from secondorder.precond.kronecker import KroneckerFactors
+
+    strategy = KroneckerFactors(exponents, beta2=0.99, epsilon=1e-8, eigenvalue_corrected=True)
+    grad = torch.randn(3, 4)
+    state = strategy.init_state(grad)
+    rotated = strategy.update_correction(state, grad)
+    assert rotated is not grad and rotated.data_ptr() != grad.data_ptr()
+    torch.testing.assert_close(rotated, grad)  # identity bases at the start
