@@ -278,9 +278,11 @@ class LayerCapture:
             (:func:`~secondorder.precond.capture_layers.registered_kinds`); default
             :data:`KRONECKER_KINDS` (dense kinds and embedding).
         transposed_ties: model the input-embedding use of a weight tied to a linear head in
-            the head's statistics (default). ``False`` keeps the head's own use only (a
-            warning names the weight), for algorithms whose factor updates cannot take the
-            one-hot rows of that use (SINGD's inverse-free updates diverge on them).
+            the head's statistics (``True``, default). ``False`` keeps the head's own use only
+            (a warning names the weight); ``"fallback"`` tracks neither use, so the optimizer's
+            diagonal fallback trains that weight (SINGD: its inverse-free updates diverge on the
+            embedding use's one-hot rows, and the head's factors measured worse than the
+            fallback for the embedding's gradient rows).
 
     Attributes:
         layers: the tracked :class:`CapturedLayer` objects, in ``model.named_modules()`` order.
@@ -294,7 +296,7 @@ class LayerCapture:
         *,
         loss_reduction: str = "mean",
         kinds: Iterable[str] = KRONECKER_KINDS,
-        transposed_ties: bool = True,
+        transposed_ties: bool | str = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")

@@ -65,9 +65,12 @@ class CapturePlan:
     """
 
     def __init__(self, model: nn.Module, params: Iterable[Tensor], kinds: tuple[str, ...],
-                 transposed_ties: bool = True) -> None:
+                 transposed_ties: bool | str = True) -> None:
         params = list(params)
-        self.transposed_ties = transposed_ties  # False: an embedding use of a head is not modelled
+        if transposed_ties not in (True, False, "fallback"):
+            raise ValueError(f"Invalid transposed_ties: {transposed_ties!r} (expected True, False or 'fallback')")
+        # False: an embedding use of a head is not modelled; "fallback": neither use is tracked
+        self.transposed_ties = transposed_ties
         param_ids = {id(p) for p in params}
         self.kinds = kinds
         self.names: dict[int, list[str]] = {}
@@ -140,6 +143,9 @@ class CapturePlan:
             why = "frozen (requires_grad=False)"
         elif not enabled:
             why = f"layer kind {uses[0].kind!r} is not in kinds {self.kinds}"
+        elif self.transposed_ties == "fallback" and {"linear", "embedding"} <= {u.kind for u in uses}:
+            why = ("tied between an embedding and a linear head: left to the fallback by this "
+                   "optimizer (transposed_ties='fallback')")
         if why is not None:
             self.reasons[id(weight)] = why
             for use in uses:  # a bias follows its weight
@@ -159,7 +165,7 @@ class CapturePlan:
             if use.kind == owner.kind and use.slot == owner.slot:
                 value = 1.0 if use.bias is not None and use.bias is owner.bias else 0.0
                 layer_uses.append(TiedUse(use, "same", value))
-            elif owner.kind == "linear" and use.kind == "embedding" and self.transposed_ties:
+            elif owner.kind == "linear" and use.kind == "embedding" and self.transposed_ties is True:
                 layer_uses.append(TiedUse(use, "transposed", 0.0))
             else:
                 dropped.append(use)

@@ -278,7 +278,8 @@ def test_singd_trains_tied_llama():
     """The race's SINGD settings (registry W2) on tied Llama, batch 8 × 32 bytes, plain loop.
 
     With the embedding use of the tied head in its statistics SINGD diverged (loss 198 by step
-    10): SINGD keeps the head's own use only (``capture_transposed_ties = False``)."""
+    10): SINGD leaves the tied weight to its fallback (``capture_transposed_ties =
+    "fallback"``)."""
     model = tiny_model("llama-tied", width=32, context=32)
     optimizer = SINGD(model.parameters(), model=model, lr=1e-2, momentum=0.9, damping=1e-2,
                       lr_cov=5e-2, T=5, loss_average="batch+sequence", warn_unsupported=False)

@@ -110,6 +110,27 @@ def test_tied_weight_that_cannot_be_merged_warns_once_and_names_it():
     assert "not modelled" in capture.describe()["embed.weight"]["reason"]
 
 
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_fallback_ties_leave_the_tied_weight_and_only_it_untracked(head_bias):
+    """``transposed_ties="fallback"``: a weight tied between an embedding and a linear head is
+    tracked by neither use (its reason says why, its bias follows it); other layers are tracked
+    as with the other settings; an unknown setting is refused."""
+    model = TiedLM(head_bias=head_bias)
+    capture = LayerCapture(model, model.parameters(), transposed_ties="fallback")
+    assert [layer.name for layer in capture.layers] == ["mix"]
+    assert capture.layer_for(model.embed.weight) is None
+    described = capture.describe()
+    assert "tied between an embedding and a linear head" in described["embed.weight"]["reason"]
+    if head_bias:
+        assert "its layer's weight is untracked" in described["lm_head.bias"]["reason"]
+    untied = TiedLM(head_bias=head_bias)
+    untied.lm_head.weight = nn.Parameter(untied.embed.weight.detach().clone())
+    names = [layer.name for layer in LayerCapture(untied, untied.parameters(), transposed_ties="fallback").layers]
+    assert names == ["embed", "mix", "lm_head"]
+    with pytest.raises(ValueError, match="Invalid transposed_ties"):
+        LayerCapture(model, model.parameters(), transposed_ties="both")
+
+
 def test_describe_and_untracked_matrices():
     model = nn.ModuleDict(
         {
