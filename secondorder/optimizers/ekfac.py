@@ -159,7 +159,7 @@ class EKFAC(CapturingOptimizer):
 
     Example::
 
-        optimizer = secondorder.EKFAC(model, lr=1e-3)   # == EKFAC(model.parameters(), model=model)
+        optimizer = secondorder.EKFAC(model, lr=3e-3)   # == EKFAC(model.parameters(), model=model)
         for x, y in loader:
             optimizer.zero_grad()
             loss_fn(model(x), y).backward()
