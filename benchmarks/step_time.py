@@ -493,23 +493,20 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             if row["optimizer"] not in FLOOR_ROTATIONS or not row["frequency"]:
                 continue
+            f, rotations = row["frequency"], FLOOR_ROTATIONS[row["optimizer"]]
             for clock, suffix in ((0, ""), (1, "_cpu")):
-                # per step: the floor timed beside each step; per refresh, root mode: eigh +
-                # root per factor; SOAP mode: one warm-started QR step per factor and one
-                # rotation of the first moment into the new basis
-                if row["optimizer"] == "Shampoo":
-                    amortized = linalg["amortized" + suffix + "_ms"]
-                else:
-                    rotation = sum(t[clock] for key, t in linalg["per_step"].items() if key.startswith("LGR"))
-                    amortized = refresh["qr_basis" + suffix] + rotation
-                bare = row["floor" + suffix + "_ms"] + amortized / row["frequency"]
+                products = sum(t[clock] for key, t in linalg["per_step"].items() if not key.startswith("LGR"))
+                rotation = sum(t[clock] for key, t in linalg["per_step"].items() if key.startswith("LGR"))
+                # per refresh, root mode: eigh + root per factor; SOAP mode: one warm-started QR
+                # step per factor and one rotation of the first moment into the new basis
+                amortized = (linalg["amortized" + suffix + "_ms"] if row["optimizer"] == "Shampoo"
+                             else refresh["qr_basis" + suffix] + rotation)
+                bare = row["floor" + suffix + "_ms"] + amortized / f  # per step: timed beside each step
                 row["bare_linalg" + suffix + "_ms"] = bare
                 row["over_bare_linalg" + suffix] = row["cpu_mean_ms" if suffix else "mean_ms"] / bare
                 if not suffix:  # the same floor timed alone: its matrices stay in cache
-                    alone = sum(t[0] for key, t in linalg["per_step"].items() if not key.startswith("LGR"))
-                    alone += FLOOR_ROTATIONS[row["optimizer"]] * sum(
-                        t[0] for key, t in linalg["per_step"].items() if key.startswith("LGR"))
-                    row["over_bare_linalg_alone"] = row["mean_ms"] / (alone + amortized / row["frequency"])
+                    alone = products + rotations * rotation + amortized / f
+                    row["over_bare_linalg_alone"] = row["mean_ms"] / alone
     baseline = next(row for row in rows if row["optimizer"] == "AdamW")
     table = format_table(rows, linalg, baseline)
     print(table)

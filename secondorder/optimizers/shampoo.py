@@ -472,9 +472,9 @@ class Shampoo(SecondOrderOptimizer):
             weights_beta1 = keep_where(keep, 1 - beta1, 0.0, averages[0].dtype)
             torch._foreach_lerp_(averages, grads, list(weights_beta1.unbind()))
             corrections = [bias_correction(beta1, step) if group["use_bias_correction"] else 1.0 for step in steps]
-            # m̂ = m/c₁ only where it is used: a SOAP block past `start` and ungrafted reads its
-            # numerator in the eigenbasis instead (a block-sized allocation saved per step)
-            wanted = [i for i in range(len(blocks)) if needs_graft[i] or i not in rotated or steps[i] < start]
+            # m̂ = m/c₁ only where it is used (grafts, root mode, steps before `start`): an
+            # ungrafted SOAP block reads its numerator in the eigenbasis (an allocation saved)
+            wanted = [i for i in range(len(blocks)) if needs_graft[i] or i not in rotated]
             filtered = [None] * len(blocks)
             if wanted:
                 for i, average in zip(wanted, torch._foreach_div([averages[i] for i in wanted],

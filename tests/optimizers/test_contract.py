@@ -497,3 +497,35 @@ def test_step_leaves_gradients_untouched(spec):
         for p, grad in zip(model.parameters(), grads, strict=True):
             if grad is not None:
                 assert torch.equal(p.grad, grad)
+
+
+class _TiedHeadLM(nn.Module):
+    """An embedding and a linear head sharing one ``(V, D)`` weight (GPT-2 / tied Llama)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(idx))))
+
+
+@over_specs(lambda spec: not spec.closure_driven)
+def test_weight_tied_between_embedding_and_head_trains(spec):
+    """Every optimizer moves a weight tied between an embedding and a head each step, whatever
+    it does with it (statistics from both uses, the head's own use, or its fallback), and keeps
+    it finite (which of these it does is tested per capture in tests/optimizers/test_layer_kinds.py)."""
+    torch.manual_seed(0)
+    model = _TiedHeadLM()
+    optimizer = spec.make(model)
+    idx = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        before = model.embed.weight.detach().clone()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(idx).reshape(-1, 11), idx.reshape(-1)).backward()
+        optimizer.step()
+        assert torch.isfinite(model.embed.weight).all()
+        assert not torch.equal(model.embed.weight, before)
