@@ -34,7 +34,8 @@ def mode_defaults(soap: bool, options: dict[str, Any]) -> dict[str, Any]:
 
     SOAP mode (measured with ``benchmarks/defaults_race.py``, issue 15): β₂ 0.99 for the factors,
     ``Λ`` and the graft; the step grafted to 3× Adam's norm averaged over steps (β 0.99); QR
-    refreshes; bases from step 1. Root mode keeps distributed_shampoo's classic configuration.
+    refreshes every 4 steps; bases from step 1. Root mode keeps distributed_shampoo's classic
+    configuration (roots every 10 steps).
     """
     grafting = "adam" if options["grafting"] is None else options["grafting"]
     grafted_soap = soap and grafting != "none"
@@ -49,9 +50,11 @@ def mode_defaults(soap: bool, options: dict[str, Any]) -> dict[str, Any]:
         "refresh_method": ("qr" if soap else "eigh") if options["refresh_method"] is None
         else options["refresh_method"],
     }
+    frequency = options["precondition_frequency"]
+    resolved["precondition_frequency"] = (4 if soap else 10) if frequency is None else frequency
     start = options["start_preconditioning_step"]
     if start is None:
-        start = 1 if soap else options["precondition_frequency"]
+        start = 1 if soap else resolved["precondition_frequency"]
     resolved["start_preconditioning_step"] = start
     if isinstance(resolved["betas"], list):
         resolved["betas"] = tuple(resolved["betas"])

@@ -513,6 +513,31 @@ def test_mode_defaults():
     assert (paper.param_groups[0]["graft_scale"], paper.param_groups[0]["graft_norm_beta"]) == (1.0, 0.0)
 
 
+@pytest.mark.parametrize("soap, frequency, refresh_steps", [
+    (True, None, [1, 4, 8, 12]), (False, None, [10]), (True, 6, [1, 6, 12]), (False, 3, [3, 6, 9, 12])])
+def test_mode_default_precondition_frequency(soap, frequency, refresh_steps):
+    """SOAP mode refreshes its bases every 4 steps by default (from step 1), root mode its roots
+    every 10 (from step 10); an explicit ``precondition_frequency`` wins in both. Read from
+    when the basis / root tensor actually changes over 12 steps."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(4, 3))
+    kwargs = {} if frequency is None else {"precondition_frequency": frequency}
+    optimizer = Shampoo([param], eigenvalue_correction=soap, **kwargs)
+    key = "basis_0" if soap else "root_0"
+    changed, previous = [], None
+    for step in range(1, 13):
+        param.grad = torch.randn(4, 3)
+        optimizer.step()
+        current = optimizer.state[param]["block_0"][key]
+        before = torch.eye(len(current)) if previous is None else previous  # starts at the identity
+        if not torch.equal(current, before):
+            changed.append(step)
+        previous = current.clone()
+    assert changed == refresh_steps
+    expected = frequency or (4 if soap else 10)
+    assert optimizer.param_groups[0]["precondition_frequency"] == expected
+
+
 
 @pytest.mark.parametrize("exponents", [(0.0, 0.0), (0.0, 0.5), (0.5, 0.5)])
 def test_rotated_gradient_is_never_the_gradient_itself(exponents):
