@@ -68,8 +68,9 @@ class EKFAC(CapturingOptimizer):
     3. Correction steps (``(t−1) % correction_every == 0``): ``Λ ← ρΛ + (1−ρ)Λ_batch`` with
        ``Λ_batch = mean_n (Q_Gᵀ G_n Q_A)^{⊙2}`` rebuilt from the captured ``a, g``. Since ``Λ``
        restarts from K-FAC's eigenvalues at every basis refresh, it moves toward the measured
-       correction over about ``correction_every/(1−ρ)`` steps: keep that below
-       ``precondition_frequency`` or the method stays close to K-FAC (the defaults: 40 < 100).
+       correction over about ``correction_every/(1−ρ)`` steps (the batch correction below: every
+       step): keep that at most ``precondition_frequency`` or the method stays close to K-FAC
+       (the defaults: 20 = 20; the paper's correction every 2 steps: 40).
     4. Direction ``P = Q_G [(Q_Gᵀ Ḡ Q_A) ⊘ (Λ + λ)^p] Q_Aᵀ`` (``λ`` from ``damping``, below), with
        ``Ḡ ← Ḡ + wd·W`` first for ``weight_decay_type="l2"``.
     5. Optional KL clipping (alecwangcq/gpauloski form): ``ν = min(1, √(κ / Σ lr²⟨P, Ḡ⟩))``
@@ -140,7 +141,9 @@ class EKFAC(CapturingOptimizer):
         eps: the fallback's denominator ε.
         kl_clip: ``κ > 0`` or ``None`` (off).
         stats_every, correction_every, precondition_frequency: schedules (steps ≥ 1; defaults
-            10, 2, 100).
+            10, 2, 20). Bases every 20 steps (was 100): held-out 2.302 vs 2.341 on the race's
+            full-size transformer (every 10: 2.293 at 1.29× AdamW's train step; every 20: 1.23×),
+            quick transformer 2.325 vs 2.368, digits CNN 0.097 vs 0.101, MLP 0.105 vs 0.099.
         loss_reduction: how the loss reduces examples, ``"mean"`` or ``"sum"`` (capture docs).
         damping_rule: ``"relative"`` (default) or ``"absolute"`` (the paper).
         power: ``p ∈ (0, 1]`` of ``(Λ + λ)^{-p}``; 0.5 default, 1 the paper.
@@ -184,7 +187,7 @@ class EKFAC(CapturingOptimizer):
         kl_clip: float | None = None,
         stats_every: int = 10,
         correction_every: int = 2,
-        precondition_frequency: int = 100,
+        precondition_frequency: int = 20,
         loss_reduction: str = "mean",
         damping_rule: str = "relative",
         power: float = 0.5,
