@@ -255,7 +255,7 @@ register(RaceEntry(
     "EKFAC", "secondorder:EKFAC", pass_model=True, quick=True,
     hyper={"*": dict(lr=3e-3, weight_decay=1e-4)},
     note="the constructor's defaults (issue 14 variant: relative damping 0.1·mean(Λ), power 1/2, "
-         "batch-gradient correction, Adam-norm grafting; factors every 10 steps, bases every 100); "
+         "batch-gradient correction, Adam-norm grafting; factors every 10 steps, bases every 20); "
          "lr best of {1, 3}e-3 on quick W2 (benchmarks/defaults_race.py)",
 ))
 

@@ -105,7 +105,7 @@ class Shampoo(SecondOrderOptimizer):
         precondition_frequency: ``f ≥ 1``, steps between root (basis) recomputations. ``None``:
             10 in root mode, 4 in SOAP mode (cheap warm-started QR refreshes): every 2 / 3 / 4 / 5 /
             10 steps gave 1.64 / 1.64 / 1.65 / 1.71 / 1.84 held-out on the race's full-size
-            transformer (train step 1.34 / — / 1.19 / 1.17 / 1.14 × AdamW's); 4 vs 10: quick
+            transformer (train step 1.34 / — / 1.20 / 1.17 / 1.14 × AdamW's); 4 vs 10: quick
             transformer 2.15 vs 2.21, digits CNN / MLP 0.087 / 0.133 vs 0.089 / 0.124 (5 seeds).
         start_preconditioning_step: first step with a Shampoo direction (default ``f``; 1 in
             SOAP mode; root mode requires ``≥ f`` as distributed_shampoo does; ``math.inf`` never
