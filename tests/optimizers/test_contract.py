@@ -22,6 +22,7 @@ from tests.optimizers.training import (
     flat,
     loss_fn,
     over_specs,
+    refresh_steps,
     state_tensors,
     take_step,
     toy_data,
@@ -529,3 +530,30 @@ def test_weight_tied_between_embedding_and_head_trains(spec):
         optimizer.step()
         assert torch.isfinite(model.embed.weight).all()
         assert not torch.equal(model.embed.weight, before)
+
+
+# Each periodic refresh at the constructor's documented defaults (the class docstrings): the
+# state tensor of the first layer's weight that a refresh rewrites, the steps of 24 at which
+# it changes, and the keywords of the entry's mode (everything else at its default).
+DEFAULT_REFRESHES = {
+    "Shampoo": ("root_0", [10, 20], {}),  # roots every 10 steps, from step 10
+    "Shampoo-SOAP": ("basis_0", [1, 4, 8, 12, 16, 20, 24], {"eigenvalue_correction": True}),
+    "EKFAC": ("activation_basis", [1, 21], {}),  # eigenbases every 20 steps, from step 1
+    "AdaFisher": ("fisher_activation", [1, 6, 11, 16, 21], {}),  # update_freq 5
+    "AdaFisherW": ("fisher_activation", [1, 6, 11, 16, 21], {}),
+    "SINGD": ("K", [1, 11, 21], {}),  # T 10
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_REFRESHES))
+def test_documented_default_refresh_schedule(name):
+    """At the constructor's defaults each optimizer refreshes its curvature exactly on the steps
+    its docstring gives (SOAP mode's bases every 4 steps and EK-FAC's every 20 were chosen by
+    the defaults race; root mode keeps distributed_shampoo's 10)."""
+    spec = SPECS[name]
+    key, expected, mode = DEFAULT_REFRESHES[name]
+    torch.manual_seed(0)
+    model = toy_model()
+    kwargs = dict(mode, **({"model": model} if spec.takes_model else {}))
+    optimizer = spec.optimizer_class(model.parameters(), **kwargs)
+    assert refresh_steps(optimizer, model, key, 24) == expected

@@ -157,23 +157,6 @@ def test_recording_follows_the_schedule():
     assert int(optimizer.state[model[0].weight]["factor_updates"]) == 3
 
 
-def test_default_bases_are_refreshed_every_20_steps():
-    """The default ``precondition_frequency`` is 20 (steps 1, 21, 41, ...): the basis is read
-    from the state after each step and changes exactly there (factors fold every 10 steps)."""
-    model = _mlp()
-    optimizer = EKFAC(model)
-    assert optimizer.param_groups[0]["precondition_frequency"] == 20
-    x, y = _batch()
-    weight, changed, previous = model[0].weight, [], None
-    for step in range(1, 42):
-        _step(model, optimizer, x + 0.1 * step, y)
-        basis = optimizer.state[weight]["activation_basis"].clone()
-        if previous is None or not torch.equal(basis, previous):
-            changed.append(step)
-        previous = basis
-    assert changed == [1, 21, 41]
-
-
 def test_failed_eigh_keeps_basis_counts_and_warns(monkeypatch):
     model = _mlp()
     optimizer = EKFAC(model, **PAPER, stats_every=1, precondition_frequency=1)

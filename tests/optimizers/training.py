@@ -122,3 +122,26 @@ def over_specs(where=lambda spec: True):
     from tests.optimizers.registry import REGISTRY
 
     return pytest.mark.parametrize("spec", [s for s in REGISTRY if where(s)], ids=lambda s: s.name)
+
+
+def refresh_steps(optimizer: torch.optim.Optimizer, model: nn.Module, key: str, steps: int) -> list[int]:
+    """The steps (from 1) after which ``state[key]`` of ``model``'s first weight differs from
+    its value after the previous step (Shampoo: in its first block; the first value counts
+    unless it is the identity, the state a root or basis starts from)."""
+    weight = next(model.parameters())
+    x, y = toy_data()
+    changed, previous = [], None
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss_fn(model(x + 0.1 * step), y).backward()
+        optimizer.step()
+        state = optimizer.state[weight]
+        current = state.get("block_0", state).get(key)
+        if current is None:
+            continue
+        is_identity = current.dim() == 2 and current.shape[0] == current.shape[1] and torch.equal(
+            current, torch.eye(len(current), dtype=current.dtype))
+        if (not is_identity) if previous is None else not torch.equal(current, previous):
+            changed.append(step)
+        previous = current.clone()
+    return changed
